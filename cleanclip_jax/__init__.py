@@ -1,0 +1,1 @@
+"""cleanclip_jax: CLIP training, data-poisoning backdoors and the CleanCLIP defense in JAX/Flax."""

@@ -1,0 +1,214 @@
+"""The one schema every config file starts from, the preset-argument parser, and validation.
+
+Config files in `configs/` call `base_config()` and change what their preset needs, so every key a
+user can override on the command line (`--config.optimizer.weight_decay=0.2`) exists in every run
+and has a type: ml_collections rejects unknown keys and wrong types, naming the key.
+
+Durations are `total_steps` (or `total_epochs`, converted with the dataset size in one place:
+`resolve_total_steps`).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+FieldReference = ml_collections.FieldReference
+
+
+def parse_arg(arg: str | None, **defaults):
+  """Parses a preset argument `name,key=value,...` (big_vision style) into a ConfigDict.
+
+  The first bare word (no `=`) is the preset name, stored as `preset`. Values are converted to the
+  type of their default; keys without a default are rejected so a typo fails loudly.
+  """
+  parsed = ConfigDict(dict(defaults, preset=defaults.get('preset', '')))
+  if not arg:
+    return parsed
+  for part in arg.split(','):
+    part = part.strip()
+    if not part:
+      continue
+    if '=' not in part:
+      parsed.preset = part
+      continue
+    key, value = part.split('=', 1)
+    if key not in defaults:
+      raise KeyError(f'unknown preset argument {key!r}; known: {sorted(defaults)}')
+    default = defaults[key]
+    if isinstance(default, bool):
+      parsed[key] = value.lower() in ('1', 'true', 'yes')
+    elif default is None:
+      parsed[key] = value
+    else:
+      parsed[key] = type(default)(value)
+  return parsed
+
+
+def trigger_config() -> ConfigDict:
+  """Trigger parameters shared by training-time poisoning and ASR evaluation."""
+  return ConfigDict({
+      # badnet_noise | badnet_solid | blended | sig | wanet
+      'kind': 'badnet_noise',
+      'seed': 0,
+      # BadNet: side of the patch as a fraction of the image side (16/224 in the paper).
+      'patch_fraction': 16 / 224,
+      # random | fixed | corners (fixed = bottom-right, corners = the four corners at once)
+      'location': 'random',
+      'color': (255, 255, 0),  # solid patch colour
+      'alpha': 0.2,  # blended
+      'sig_delta': 20.0,  # SIG amplitude in [0, 255] units
+      'sig_frequency': 6.0,  # SIG cycles across the width
+      'wanet_k': 4,  # WaNet control grid size
+      'wanet_s': 0.5,  # WaNet warping strength
+      'wanet_grid_rescale': 1.0,
+  })
+
+
+def poison_config() -> ConfigDict:
+  return ConfigDict({
+      'enabled': False,
+      'num_poisoned': 0,  # exact count; used when > 0
+      'fraction': 0.0,  # otherwise this fraction of the examples
+      'seed': 0,
+      'target': 'banana',  # target class name (the caption's label and the ASR target)
+      'label_consistent': False,
+      'trigger': trigger_config(),
+  })
+
+
+def data_config() -> ConfigDict:
+  return ConfigDict({
+      # synthetic | csv | array_record
+      'source': 'synthetic',
+      'path': '',  # CSV/TSV file, or a glob / folder of .array_record shards
+      'image_key': 'image',
+      'caption_key': 'caption',
+      'label_key': '',  # optional label column (CSV) holding a class index or name
+      'delimiter': ',',
+      'confine_paths': False,  # refuse image paths that are absolute or leave the CSV's folder
+      'on_bad_image': 'skip',  # skip (counted, logged) | fail
+      'image_size': 224,
+      'train_transform': 'center_crop',  # center_crop | random_resized_crop
+      'inmodal_views': False,  # also yield aug_image / aug_tokens (CleanCLIP)
+      'num_workers': 0,
+      'prefetch_buffer': 2,
+      'shuffle': True,
+      'synthetic': ConfigDict({
+          'num_examples': 4096,
+          'split': 'pretrain',  # pretrain | finetune | test: disjoint by construction
+          'seed': 0,
+      }),
+      'poison': poison_config(),
+  })
+
+
+def eval_config() -> ConfigDict:
+  return ConfigDict({
+      'every_steps': 0,  # inline evaluation in the trainer; 0 = off
+      # synthetic | csv | folder | tfds
+      'source': 'synthetic',
+      'path': '',  # CSV (image,label) or folder tree; tfds dataset name for tfds
+      'split': 'test',
+      'classnames': 'synthetic',  # synthetic | imagenet | cifar10 | cifar100 | path to a .txt file
+      'templates': 'synthetic',  # synthetic | imagenet | cifar | simple | path to a .txt file
+      'num_examples': 1000,  # 0 = all
+      'batch_size': 256,
+      'image_size': 224,
+      'classifier': 'auto',  # auto (head if the params have one, else zero-shot) | zeroshot | head
+      'asr': True,
+      'linear_probe': False,
+      'retrieval': False,
+      # The trigger and target for ASR; by default the trainer copies data.poison.trigger/target.
+      'target': 'banana',
+      'trigger': trigger_config(),
+  })
+
+
+def base_config() -> ConfigDict:
+  """Every key of a run, with defaults; config files change values, never add keys."""
+  config = ConfigDict()
+  config.seed = 0
+  config.total_steps = 1000
+  config.total_epochs = 0.0  # when > 0, overrides total_steps (see resolve_total_steps)
+  config.batch_size = 128  # global, across all processes and devices
+  config.learning_rate = 5e-4
+  config.warmup_steps = 100
+  config.log_every_steps = 10
+  config.checkpoint_every_steps = 500
+  config.keep_checkpoints = 3
+  config.keep_every_steps = 0  # also keep every N-th step forever; 0 = off
+  config.on_nan = 'stop'  # stop | skip (skip the update and count it)
+  config.init_checkpoint = ''  # finetuning: a workdir or checkpoint dir whose params seed the run
+  config.init_pytorch = ''  # or a PyTorch/open_clip checkpoint (.pt/.bin/.safetensors)
+
+  config.mesh = ConfigDict({'data': -1, 'fsdp': 1})  # -1 fills with the remaining devices
+
+  config.model = ConfigDict({
+      'name': 'tiny-vit',  # see cleanclip_jax.models.list_models()
+      'dtype': 'float32',  # compute dtype; params stay float32
+      'remat': False,
+      'context_length': 77,
+      'tokenizer': '',  # path to a bpe merges .txt.gz; '' = the copy shipped with the package
+  })
+
+  config.objective = ConfigDict({
+      'name': 'clip',  # clip | cleanclip | siglip | supervised
+      'clip_weight': 1.0,
+      'inmodal_weight': 1.0,
+      'sharded_loss': True,  # rows-vs-gathered-columns form: logits memory linear in the batch
+      'num_classes': 0,  # supervised head size; 0 = taken from the dataset
+      'freeze_tower': False,  # supervised: train only the linear head
+  })
+
+  config.optimizer = ConfigDict({
+      'b1': 0.9,
+      'b2': 0.98,
+      'eps': 1e-6,
+      'weight_decay': 0.1,
+      'grad_clip_norm': 1.0,  # 0 = off
+      'schedule': 'cosine',  # cosine | constant
+      'accum_steps': 1,  # gradient accumulation over micro-batches
+      # (regex, multiplier) pairs on '/'-joined param paths; multiplier 0 freezes. First match wins.
+      'lr_rules': (),
+  })
+
+  config.data = data_config()
+  config.eval = eval_config()
+  return config
+
+
+def resolve_total_steps(config: ConfigDict, num_examples: int) -> int:
+  """The one place epochs become steps."""
+  if config.total_epochs and config.total_epochs > 0:
+    return max(1, int(config.total_epochs * num_examples // config.batch_size))
+  return int(config.total_steps)
+
+
+class ConfigError(ValueError):
+  """A config that cannot run; the message says which key and how to fix it."""
+
+
+def validate(config: ConfigDict, num_devices: int) -> None:
+  """Checks a config against the devices before anything is compiled."""
+  data, fsdp = config.mesh.data, config.mesh.fsdp
+  if fsdp < 1 and data < 1:
+    raise ConfigError('mesh: at most one of mesh.data / mesh.fsdp may be -1')
+  fixed = (data if data > 0 else 1) * (fsdp if fsdp > 0 else 1)
+  if fixed > num_devices or num_devices % fixed:
+    raise ConfigError(
+        f'mesh: data={data} x fsdp={fsdp} needs {fixed} devices but {num_devices} are available; '
+        f'set --config.mesh.data / --config.mesh.fsdp so their product divides {num_devices} '
+        '(-1 fills the rest).')
+  accum = max(1, config.optimizer.accum_steps)
+  if config.batch_size % (num_devices * accum):
+    raise ConfigError(
+        f'batch_size={config.batch_size} is not divisible by the {num_devices} devices x '
+        f'optimizer.accum_steps={accum}; use a multiple of {num_devices * accum} '
+        '(--config.batch_size=N).')
+  if config.objective.name not in ('clip', 'cleanclip', 'siglip', 'supervised'):
+    raise ConfigError(f'objective.name={config.objective.name!r}: use clip, cleanclip, siglip or supervised')
+  if config.data.source in ('csv', 'array_record') and not config.data.path:
+    raise ConfigError(f'data.source={config.data.source!r} needs --config.data.path=PATH')
+  if config.on_nan not in ('stop', 'skip'):
+    raise ConfigError(f'on_nan={config.on_nan!r}: use stop or skip')

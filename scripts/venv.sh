@@ -1,0 +1,22 @@
+# Sourced by the README's commands: create or reuse .venv in the repo root and install the project into it.
+# A stamp of the requirement files' hash makes a second run skip pip entirely.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+want="$(cat requirements.txt requirements-test.txt pyproject.toml | sha256sum | cut -d' ' -f1)-${1:-core}"
+if [ "$(cat .venv/.cleanclip_stamp 2>/dev/null)" != "$want" ]; then
+  python -m pip install -q --upgrade pip
+  if [ "${1:-core}" = "test" ]; then
+    python -m pip install -q -r requirements-test.txt
+  else
+    python -m pip install -q -r requirements.txt
+  fi
+  python -m pip install -q --no-deps -e .
+  echo "$want" > .venv/.cleanclip_stamp
+fi
