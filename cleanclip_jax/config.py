@@ -118,7 +118,14 @@ def eval_config() -> ConfigDict:
       'classifier': 'auto',  # auto (head if the params have one, else zero-shot) | zeroshot | head
       'asr': True,
       'linear_probe': False,
-      'retrieval': False,
+      'probe_split': 'finetune',  # the probe's training split (same source and path as the eval set)
+      'probe_num_examples': 1000,  # 0 = all
+      'probe_l2': 1e-4,  # L2 penalty on the probe's weights (features standardised first)
+      'probe_steps': 100,  # full-batch L-BFGS iterations
+      'retrieval': False,  # recall@1/5/10 between the eval images and their own captions
+      # The evaluation job takes trigger and target from the checkpoint's stored config.eval (the
+      # run that planted the backdoor); False uses this config's.
+      'trigger_from_run': True,
       # The trigger and target for ASR; by default the trainer copies data.poison.trigger/target.
       'target': 'banana',
       'trigger': trigger_config(),
@@ -212,3 +219,28 @@ def validate(config: ConfigDict, num_devices: int) -> None:
     raise ConfigError(f'data.source={config.data.source!r} needs --config.data.path=PATH')
   if config.on_nan not in ('stop', 'skip'):
     raise ConfigError(f'on_nan={config.on_nan!r}: use stop or skip')
+
+
+def configs_dir():
+  """The repository's `configs/` folder (next to the package in a source checkout)."""
+  import pathlib
+  return pathlib.Path(__file__).resolve().parent.parent / 'configs'
+
+
+def load_config(spec: str) -> ConfigDict:
+  """Loads `path/to/file.py[:arg]` the way `--config` does, for in-process callers (the demo).
+
+  A bare file name (`clip_pretrain.py:tiny`) is looked up in the repository's `configs/` folder.
+  """
+  import importlib.util
+  import pathlib
+  path, _, arg = spec.partition(':')
+  file = pathlib.Path(path)
+  if not file.exists() and (configs_dir() / file.name).exists():
+    file = configs_dir() / file.name
+  if not file.exists():
+    raise FileNotFoundError(f'config file {path!r} not found (looked in . and {configs_dir()})')
+  module_spec = importlib.util.spec_from_file_location(f'_cleanclip_config_{file.stem}', file)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
