@@ -1,0 +1,115 @@
+"""Input-pipeline throughput per worker: bare decode+resize vs the full training example.
+
+    python benchmarks/pipeline.py                      # image_size 64 (synthetic images as 64 px JPEGs)
+    python benchmarks/pipeline.py --image-size 224     # 224 px output from 256 px JPEGs
+    python benchmarks/pipeline.py --profile            # + a cProfile of the full path (stderr)
+
+Single process, no grain workers, so the figures are images/s *per worker* (a grain worker runs
+exactly this code). The data is the synthetic set rendered once and held as JPEG bytes in memory,
+so file-system speed is not measured.
+  (a) decode: JPEG decode + bicubic resize of the shorter side + centre crop.
+  (b) pipeline: `pipeline.TrainExample` - (a), then BadNet trigger and poisoned caption on *every*
+      example (the worst case; real runs poison ~0.1-1%), AutoAugment + EDA views, and tokenizing
+      both captions.
+The last line printed is one JSON object: {"decode_img_per_s", "pipeline_img_per_s", "ratio"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import sys
+import time
+
+import numpy as np
+from PIL import Image
+
+from cleanclip_jax import config as config_lib
+from cleanclip_jax.data import decode, pipeline, synthetic
+
+
+class JpegSource:
+  """The synthetic set as in-memory JPEG records (what an ArrayRecord source yields)."""
+
+  def __init__(self, num_examples: int, render_size: int, quality: int = 90):
+    images = synthetic.SyntheticCaptions(num_examples, image_size=render_size, split='pretrain', seed=0)
+    self.records = []
+    for i in range(num_examples):
+      record = images[i]
+      buffer = io.BytesIO()
+      Image.fromarray(record['image']).save(buffer, 'JPEG', quality=quality)
+      self.records.append({'image_bytes': buffer.getvalue(), 'caption': record['caption'],
+                           'label': record['label'], 'image_path': '', 'index': i})
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def __getitem__(self, index: int) -> dict:
+    return dict(self.records[index])
+
+
+def _rate(fn, count: int, min_seconds: float) -> float:
+  """Images per second of `fn(i)` over i = 0..count-1, repeated until min_seconds have passed."""
+  done, start = 0, time.perf_counter()
+  while True:
+    for i in range(count):
+      fn(i)
+    done += count
+    elapsed = time.perf_counter() - start
+    if elapsed >= min_seconds:
+      return done / elapsed
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--image-size', type=int, default=64, help='pipeline output size (data.image_size)')
+  parser.add_argument('--render-size', type=int, default=0,
+                      help='size of the stored JPEGs; default 64 for image_size <= 64, else 256')
+  parser.add_argument('--num-examples', type=int, default=256)
+  parser.add_argument('--seconds', type=float, default=3.0, help='minimum timing per measurement')
+  parser.add_argument('--profile', action='store_true', help='cProfile the full path, top functions to stderr')
+  args = parser.parse_args(argv)
+  size = args.image_size
+  render = args.render_size or (64 if size <= 64 else 256)
+  source = JpegSource(args.num_examples, render)
+
+  def decode_resize(i):
+    image = decode.decode_image(source[i], draft_size=size)
+    return pipeline.resize_center_crop(image, size)
+
+  config = config_lib.base_config()
+  config.data.image_size = size
+  config.data.inmodal_views = True
+  config.data.poison.update(enabled=True, num_poisoned=len(source), trigger=dict(kind='badnet_noise'))
+  plan = pipeline.EpochPlan(len(source), config.seed, False, 0, 1)
+  example = pipeline.TrainExample(source, plan, config.data, config.seed, config.model.context_length,
+                                  None, config.model.tokenizer, np.arange(len(source)))
+  for i in range(8):  # warm-up: tokenizer vocabulary, EDA synonym table, trigger pattern
+    decode_resize(i)
+    example(i)
+
+  decode_rate = _rate(decode_resize, len(source), args.seconds)
+  pipeline_rate = _rate(example, len(source), args.seconds)
+  result = {'decode_img_per_s': round(decode_rate, 1), 'pipeline_img_per_s': round(pipeline_rate, 1),
+            'ratio': round(pipeline_rate / decode_rate, 3)}
+  print(f'image_size {size} (JPEGs stored at {render} px), {len(source)} examples, one process:')
+  print(f'  (a) decode + resize + crop:                      {decode_rate:9.1f} img/s')
+  print(f'  (b) full example (all poisoned, views, tokens):  {pipeline_rate:9.1f} img/s')
+  print(f'  ratio (b)/(a): {pipeline_rate / decode_rate:.3f}')
+  if args.profile:
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for i in range(len(source)):
+      example(i)
+    profiler.disable()
+    pstats.Stats(profiler, stream=sys.stderr).sort_stats('tottime').print_stats(15)
+  sys.stdout.flush()
+  print(json.dumps(result), flush=True)
+  return result
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,146 @@
+"""prepare.py: CSV and WebDataset tar -> ArrayRecord shards that the pipeline reads back."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cleanclip_jax import config as config_lib
+from cleanclip_jax.data import decode, pipeline, prepare, sources
+
+
+def _image_bytes(size=(40, 30), color=(10, 120, 240), fmt='JPEG') -> bytes:
+  buffer = io.BytesIO()
+  Image.new('RGB', size, color).save(buffer, fmt)
+  return buffer.getvalue()
+
+
+def _run(capsys, *argv):
+  status = prepare.main(list(argv) + ['--quiet', '--workers', '1'])
+  out, err = capsys.readouterr()
+  return status, out, err
+
+
+@pytest.fixture
+def csv_input(tmp_path):
+  (tmp_path / 'img').mkdir()
+  (tmp_path / 'img' / 'wide.jpg').write_bytes(_image_bytes((600, 300)))
+  (tmp_path / 'img' / 'small.png').write_bytes(_image_bytes((40, 30), fmt='PNG'))
+  (tmp_path / 'img' / 'third.jpg').write_bytes(_image_bytes((100, 100), (200, 0, 0)))
+  (tmp_path / 'img' / 'broken.jpg').write_bytes(_image_bytes((300, 300))[:300])
+  path = tmp_path / 'train.tsv'
+  path.write_text('filepath\ttitle\tclass\n'
+                  'img/wide.jpg\ta wide photo\tcat\n'
+                  'img/small.png\ta small one\tdog\n'
+                  'img/broken.jpg\tcut short\tdog\n'
+                  'img/third.jpg\tthe third\tcat\n'
+                  'img/third.jpg\t\tcat\n')
+  return path
+
+
+def test_csv_to_array_record(tmp_path, capsys, caplog, csv_input):
+  out_dir = tmp_path / 'out'
+  status, out, err = _run(capsys, '--input', str(csv_input), '--output', str(out_dir), '--image-size', '64',
+                          '--image-key', 'filepath', '--caption-key', 'title', '--label-key', 'class',
+                          '--shard-size', '2')
+  assert status == 0, err
+  assert out.strip().count('\n') == 0
+  assert json.loads(out) == {'written': 3, 'skipped': {'empty_caption': 1, 'truncated': 1}}
+  assert 'broken.jpg' in caplog.text and 'train.tsv:4' in caplog.text  # logged with file and row
+  source = sources.ArrayRecordSource(str(out_dir))
+  assert len(source) == 3 and len(source.shards) == 2
+  assert source.class_names == ['cat', 'dog']
+  records = [source[i] for i in range(3)]
+  assert [r['caption'] for r in records] == ['a wide photo', 'a small one', 'the third']
+  assert [r['label'] for r in records] == [0, 1, 0]
+  assert records[0]['image_path'].endswith('wide.jpg')
+  shapes = [decode.decode_image(r).shape for r in records]
+  assert shapes == [(64, 128, 3), (30, 40, 3), (64, 64, 3)]  # shorter side 64; small ones not enlarged
+  np.testing.assert_allclose(decode.decode_image(records[2])[32, 32], [200, 0, 0], atol=6)
+
+
+def _add(tar, name, data):
+  info = tarfile.TarInfo(name)
+  info.size = len(data)
+  tar.addfile(info, io.BytesIO(data))
+
+
+def test_webdataset_tars(tmp_path, capsys):
+  shards = tmp_path / 'shards'
+  shards.mkdir()
+  with tarfile.open(shards / '00000.tar', 'w') as tar:
+    _add(tar, '000000000.jpg', _image_bytes())
+    _add(tar, '000000000.txt', b'first caption')
+    _add(tar, '000000000.cls', b'3')
+    _add(tar, '000000001.jpg', _image_bytes())
+    _add(tar, '000000001.json', json.dumps({'caption': 'from json', 'url': 'x'}).encode())
+    _add(tar, '000000002.jpg', _image_bytes())  # no caption
+    _add(tar, '000000003.jpg', b'not an image')
+    _add(tar, '000000003.txt', b'text named jpg')
+    _add(tar, '000000004.txt', b'caption without image')
+  good = io.BytesIO()
+  with tarfile.open(fileobj=good, mode='w') as tar:
+    _add(tar, 'sub/000000010.png', _image_bytes(fmt='PNG'))
+    _add(tar, 'sub/000000010.txt', b'caf\xc3\xa9 in utf-8')
+    _add(tar, 'sub/000000011.jpg', _image_bytes())
+    _add(tar, 'sub/000000011.txt', b'lost to truncation' * 200)
+  good.seek(0)
+  with tarfile.open(fileobj=good) as tar:
+    cut = tar.getmember('sub/000000011.txt').offset_data + 10
+  (shards / '00001.tar').write_bytes(good.getvalue()[:cut])  # ends inside the second example
+  status, out, err = _run(capsys, '--input', str(shards), '--output', str(tmp_path / 'out'))
+  assert status == 0, err
+  result = json.loads(out)
+  assert result['written'] == 3
+  assert result['skipped'] == {'corrupt_tar': 1, 'missing_caption': 1, 'missing_image': 1,
+                               'not_an_image': 1}
+  source = sources.ArrayRecordSource(str(tmp_path / 'out'))
+  records = [source[i] for i in range(len(source))]
+  assert [r['caption'] for r in records] == ['first caption', 'from json', 'café in utf-8']
+  assert [r['label'] for r in records] == [3, -1, -1]
+  assert records[2]['image_path'] == '00001.tar/sub/000000010'
+
+
+@pytest.mark.parametrize('make_input, message', [
+    (lambda d: d / 'nothing.csv', 'nothing.csv: no such file'),
+    (lambda d: (d / 'bad.csv').write_text('image,caption\na.jpg,"x"y\n') and d / 'bad.csv', 'bad.csv:2'),
+    (lambda d: d, 'no .tar shards'),
+])
+def test_unusable_input_exits_2(tmp_path, capsys, make_input, message):
+  status, out, err = _run(capsys, '--input', str(make_input(tmp_path)), '--output', str(tmp_path / 'out'))
+  assert status == 2 and out == ''
+  assert message in err
+
+
+def test_refuses_output_with_shards(tmp_path, capsys, csv_input):
+  args = ['--input', str(csv_input), '--output', str(tmp_path / 'out'), '--image-key', 'filepath',
+          '--caption-key', 'title']
+  assert _run(capsys, *args)[0] == 0
+  status, _, err = _run(capsys, *args)
+  assert status == 2 and 'already holds' in err
+
+
+def test_command_line_and_pipeline_read_back(tmp_path, csv_input):
+  # Subprocess: stdout is exactly the JSON line (tqdm and logs go to stderr); two worker processes.
+  out_dir = tmp_path / 'out'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'cleanclip_jax.data.prepare', '--input', str(csv_input), '--output',
+       str(out_dir), '--image-key', 'filepath', '--caption-key', 'title', '--image-size', '32',
+       '--workers', '2'], capture_output=True, text=True, timeout=300,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.splitlines() == ['{"written": 3, "skipped": {"empty_caption": 1, "truncated": 1}}']
+  config = config_lib.base_config()
+  config.batch_size = 3
+  config.model.context_length = 8
+  config.data.update(source='array_record', path=str(out_dir), image_size=32)
+  pipeline._cached_source.cache_clear()
+  batch = next(pipeline.make_train_iterator(config, process_index=0, process_count=1))
+  assert batch['image'].shape == (3, 32, 32, 3) and sorted(batch['index']) == [0, 1, 2]
+  assert batch['tokens'].shape == (3, 8)
