@@ -118,7 +118,8 @@ def eval_config() -> ConfigDict:
       'classifier': 'auto',  # auto (head if the params have one, else zero-shot) | zeroshot | head
       'asr': True,
       'linear_probe': False,
-      'probe_split': 'finetune',  # the probe's training split (same source and path as the eval set)
+      'probe_split': 'finetune',  # the probe's training split (synthetic / tfds sources)
+      'probe_path': '',  # the probe's training set for csv / folder sources ('' = eval.path)
       'probe_num_examples': 1000,  # 0 = all
       'probe_l2': 1e-4,  # L2 penalty on the probe's weights (features standardised first)
       'probe_steps': 100,  # full-batch L-BFGS iterations

@@ -1,0 +1,633 @@
+"""Evaluation: zero-shot accuracy, attack success rate, linear probe, retrieval, backdoor similarity,
+and the job that evaluates a run's checkpoints as they appear.
+
+    # the latest checkpoint once, or every checkpoint as training writes it
+    python -m cleanclip_jax.evaluate --config configs/eval.py:tiny --workdir DIR
+    python -m cleanclip_jax.evaluate --config configs/eval.py:imagenet --workdir DIR --follow
+
+The model is rebuilt from the config stored with the checkpoint, so the eval config only says what
+to evaluate on. Results go to `DIR/eval/metrics.jsonl` (one line per step), `DIR/eval/tb`
+(TensorBoard) and `DIR/eval/plot.png` (clean accuracy and ASR against step).
+
+In code: `evaluate(model, params, config.eval, mesh)` -> {'top1', 'top5', 'asr', 'zeroshot_top1',
+...}; `EvalLogger(workdir).write(step, metrics)` for the trainer's inline evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import pathlib
+import sys
+import time
+from typing import Any, Callable, Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from cleanclip_jax import eval_metrics, zeroshot
+from cleanclip_jax.data.normalize import normalize
+
+log = logging.getLogger(__name__)
+
+TOPK = (1, 5)
+RECALL_AT = (1, 5, 10)
+
+
+# --- encoders --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Encoders:
+  """Jitted image and text encoders of one CLIP on one mesh; outputs are numpy on every host.
+
+  Inputs are split over the batch like training's and parameters placed by the training partition
+  rules; outputs come back replicated, so every process holds the features of the whole global
+  batch and computes the same metrics.
+  """
+  model: Any
+  params: Any
+  mesh: jax.sharding.Mesh
+
+  def __post_init__(self):
+    from cleanclip_jax import sharding
+    model, mesh = _clip_module(self.model), self.mesh
+    self.batch_sharding = sharding.batch_sharding(mesh)
+    self.num_devices = mesh.devices.size
+    self.context_length = model.context_length
+    self.image_size = model.image_size
+    batch_fn, text_fn, param_shardings = _compiled(model, mesh)
+    self.params = jax.device_put(self.params, param_shardings)
+    self._batch_fn, self._text_fn = batch_fn, text_fn
+    self._host_batch_to_global = sharding.host_batch_to_global
+
+  def batch(self, host_batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """This process's slice of a global batch -> the global batch's `features` and other keys."""
+    global_batch = self._host_batch_to_global(host_batch, self.mesh)
+    return jax.tree.map(np.asarray, self._batch_fn(self.params, global_batch))
+
+  def texts(self, tokens: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """int32 tokens [N, L], the same on every process -> text features [N, D]."""
+    chunk = _round_up(max(1, min(chunk, len(tokens))), self.num_devices)
+    out = []
+    for start in range(0, len(tokens), chunk):
+      piece = tokens[start:start + chunk]
+      padded = np.zeros((chunk, tokens.shape[1]), np.int32)
+      padded[:len(piece)] = piece
+      # Every process holds all the tokens, so each device's shard is cut from the full array.
+      global_tokens = jax.make_array_from_callback(padded.shape, self.batch_sharding,
+                                                   lambda index: padded[index])
+      out.append(np.asarray(self._text_fn(self.params, global_tokens))[:len(piece)])
+    return np.concatenate(out)
+
+
+def _clip_module(model):
+  """The CLIP module, whether given a CLIP or an ImageClassifier wrapping one."""
+  return getattr(model, 'clip', model)
+
+
+@functools.lru_cache(maxsize=4)
+def _compiled(model, mesh):
+  """Jitted encoders and param shardings per (model, mesh); modules compare by value, so the
+  checkpoints of one run share them and the follow job compiles once, not once per step."""
+  from cleanclip_jax import sharding
+
+  def encode_batch(params, batch):
+    out = {key: value for key, value in batch.items() if key != 'image'}
+    out['features'] = model.apply({'params': params}, normalize(batch['image']),
+                                  method=model.encode_image)
+    return out
+
+  def encode_text(params, tokens):
+    return model.apply({'params': params}, tokens, method=model.encode_text)
+
+  replicated = sharding.replicated(mesh)
+  return (jax.jit(encode_batch, out_shardings=replicated),
+          jax.jit(encode_text, out_shardings=replicated), _param_shardings(model, mesh))
+
+
+def _param_shardings(model, mesh):
+  """The training partition rules applied to the model's (abstract) parameter tree."""
+  from cleanclip_jax import sharding
+  images = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, 3), jnp.float32)
+  tokens = jax.ShapeDtypeStruct((1, model.context_length), jnp.int32)
+  boxed = jax.eval_shape(model.init, jax.random.key(0), images, tokens)
+  return sharding.param_shardings(boxed['params'], mesh)
+
+
+def _round_up(value: int, multiple: int) -> int:
+  return -(-value // multiple) * multiple
+
+
+# --- datasets -> features --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Features:
+  """Image features of one evaluation set, clean and (optionally) with the trigger stamped."""
+  clean: np.ndarray  # [N, D]
+  labels: np.ndarray  # [N] int
+  indices: np.ndarray  # [N] int, the example's index in its source
+  triggered: np.ndarray | None = None  # [N, D]
+
+
+def encode_dataset(encoders: Encoders, eval_cfg, trigger: Callable | None = None,
+                   desc: str = 'eval') -> Features:
+  """Runs `eval_cfg`'s dataset through the image encoder, with the trigger too when given.
+
+  The trigger is stamped on the host on the uint8 image at model resolution with
+  `example_seed=index`: the same function and seed the training pipeline uses.
+  """
+  process_index, process_count = jax.process_index(), jax.process_count()
+  host_batch = _host_batch_size(eval_cfg.batch_size, encoders.num_devices, process_count)
+  batches = _eval_batches(eval_cfg, process_index, process_count)
+  total = None
+  if eval_cfg.num_examples:
+    total = math.ceil(eval_cfg.num_examples / (host_batch * process_count))
+  clean, triggered, labels, indices, valid = [], [], [], [], []
+  for batch in _progress(batches, total, desc):
+    batch = {key: batch[key] for key in ('image', 'label', 'index', 'valid')}
+    encoded = encoders.batch(batch)
+    clean.append(encoded['features'])
+    labels.append(encoded['label'])
+    indices.append(encoded['index'])
+    valid.append(encoded['valid'])
+    if trigger is not None:
+      stamped = np.stack([trigger(image, example_seed=int(index)) if ok else image
+                          for image, index, ok in zip(batch['image'], batch['index'],
+                                                      batch['valid'])])
+      triggered.append(encoders.batch({'image': stamped})['features'])
+  if not clean:
+    raise ValueError(f'eval: the {eval_cfg.source!r} dataset (split {eval_cfg.split!r}, path '
+                     f'{eval_cfg.path!r}) yielded no images')
+  keep = np.concatenate(valid).astype(bool)
+  return Features(
+      clean=np.concatenate(clean)[keep], labels=np.concatenate(labels)[keep].astype(np.int64),
+      indices=np.concatenate(indices)[keep].astype(np.int64),
+      triggered=np.concatenate(triggered)[keep] if triggered else None)
+
+
+def _eval_batches(eval_cfg, process_index: int, process_count: int) -> Iterable:
+  from cleanclip_jax.data import pipeline
+  return pipeline.make_eval_batches(eval_cfg, eval_cfg.batch_size, process_index=process_index,
+                                    process_count=process_count)
+
+
+def _host_batch_size(batch_size: int, num_devices: int, process_count: int) -> int:
+  if batch_size % num_devices:
+    raise ValueError(f'eval.batch_size={batch_size} must be a multiple of the {num_devices} devices '
+                     f'(--config.eval.batch_size={_round_up(batch_size, num_devices)})')
+  return batch_size // process_count
+
+
+def _progress(iterable: Iterable, total: int | None, desc: str) -> Iterator:
+  if jax.process_index() != 0:
+    return iter(iterable)
+  from tqdm.auto import tqdm
+  return iter(tqdm(iterable, total=total, desc=desc, leave=False, file=sys.stderr))
+
+
+# --- evaluate ---------------------------------------------------------------------------------------
+
+
+def evaluate(model, params, eval_cfg, mesh=None, tokenizer=None) -> dict[str, float]:
+  """Every enabled metric for one set of parameters; all values are floats.
+
+  Always: `zeroshot_top1`, `zeroshot_top5` and, with `eval_cfg.asr`, `zeroshot_asr`. Then `top1`,
+  `top5`, `asr` for the classifier `eval_cfg.classifier` picks (the linear head of supervised
+  params `{'clip', 'head'}` under 'auto', else zero-shot; `head_*` keys when it is the head),
+  `backdoor_sim_triggered` / `backdoor_sim_clean` with ASR, `probe_top1` / `probe_asr` with
+  `linear_probe`, `retrieval_r{1,5,10}` (and per direction) with `retrieval`.
+
+  Args:
+    model: the CLIP module (`models.create_model`) or an `ImageClassifier`.
+    params: CLIP params, or `{'clip': ..., 'head': {'kernel', 'bias'}}`.
+    eval_cfg: `config.eval`.
+    mesh: defaults to every device on the batch axis.
+    tokenizer: `texts, context_length -> int32 tokens`; defaults to the packaged CLIP BPE.
+  """
+  started = time.time()
+  mesh = mesh if mesh is not None else _default_mesh()
+  if tokenizer is None:
+    from cleanclip_jax import tokenizer as tokenizer_lib
+    tokenizer = tokenizer_lib.get_tokenizer()
+  clip_params, head = _split_params(params)
+  use_head = _use_head(eval_cfg.classifier, head)
+  clip = _clip_module(model)
+  if eval_cfg.image_size != clip.image_size:
+    # The model fixes the resolution (ViT position embeddings); the trigger is stamped at it too,
+    # as in training.
+    log.info('eval: using the model\'s %dpx images (eval.image_size=%d)', clip.image_size,
+             eval_cfg.image_size)
+    eval_cfg = _with(eval_cfg, image_size=clip.image_size)
+  encoders = Encoders(clip, clip_params, mesh)
+  tokenize = lambda texts: tokenizer(texts, encoders.context_length)
+
+  classnames = zeroshot.load_classnames(eval_cfg.classnames)
+  templates = zeroshot.load_templates(eval_cfg.templates)
+  class_weights = zeroshot.class_embeddings(encoders.texts, tokenize, classnames, templates)
+  target = zeroshot.target_index(classnames, eval_cfg.target) if eval_cfg.asr else None
+  trigger = _make_trigger(eval_cfg) if eval_cfg.asr else None
+
+  features = encode_dataset(encoders, eval_cfg, trigger)
+  _check_labels(features.labels, len(classnames), eval_cfg)
+  metrics = {'num_examples': float(len(features.labels))}
+  metrics.update(_classifier_metrics('zeroshot', features, lambda x: x @ class_weights.T, target))
+  if head is not None:
+    head_logits = lambda x: x @ head['kernel'] + head['bias']
+    metrics.update(_classifier_metrics('head', features, head_logits, target))
+  chosen = 'head' if use_head else 'zeroshot'
+  for key in ('top1', 'top5', 'asr', 'asr_count'):
+    if f'{chosen}_{key}' in metrics:
+      metrics[key] = metrics[f'{chosen}_{key}']
+  metrics['used_head'] = float(use_head)
+
+  if eval_cfg.asr:
+    eligible = features.labels != target
+    metrics['backdoor_sim_triggered'] = eval_metrics.mean_cosine_similarity(
+        features.triggered[eligible], class_weights[target])
+    metrics['backdoor_sim_clean'] = eval_metrics.mean_cosine_similarity(
+        features.clean[eligible], class_weights[target])
+  if eval_cfg.linear_probe:
+    metrics.update(_linear_probe(encoders, eval_cfg, features, len(classnames), target))
+  if eval_cfg.retrieval:
+    metrics.update(_retrieval(encoders, eval_cfg, features, tokenize))
+  metrics['eval_seconds'] = time.time() - started
+  return metrics
+
+
+def _classifier_metrics(name: str, features: Features, logits_fn, target: int | None):
+  logits = np.asarray(logits_fn(features.clean))
+  out = {f'{name}_top{k}': eval_metrics.topk_accuracy(logits, features.labels, k) for k in TOPK}
+  if target is not None:
+    predictions = np.asarray(logits_fn(features.triggered)).argmax(axis=-1)
+    asr, count = eval_metrics.attack_success_rate(predictions, features.labels, target)
+    out[f'{name}_asr'] = asr
+    out[f'{name}_asr_count'] = float(count)
+  return out
+
+
+def _linear_probe(encoders, eval_cfg, test: Features, num_classes: int, target: int | None):
+  """Logistic regression on frozen features of the probe's train split, scored on the eval set."""
+  if eval_cfg.source in ('csv', 'folder') and not eval_cfg.probe_path:
+    raise ValueError(f'eval.linear_probe: a {eval_cfg.source} eval set has no splits, so the probe '
+                     'would train on the test images; give its training set with '
+                     '--config.eval.probe_path=PATH (or --config.eval.linear_probe=False)')
+  train_cfg = _with(eval_cfg, split=eval_cfg.probe_split, num_examples=eval_cfg.probe_num_examples,
+                    path=eval_cfg.probe_path or eval_cfg.path)
+  train = encode_dataset(encoders, train_cfg, trigger=None, desc='probe features')
+  _check_labels(train.labels, num_classes, train_cfg)
+  probe = eval_metrics.fit_linear_probe(train.clean, train.labels, num_classes,
+                                        l2=eval_cfg.probe_l2, steps=eval_cfg.probe_steps)
+  out = _classifier_metrics('probe', test, lambda x: eval_metrics.probe_logits(probe, x), target)
+  out['probe_train_top1'] = eval_metrics.topk_accuracy(
+      eval_metrics.probe_logits(probe, train.clean), train.labels)
+  return out
+
+
+def _retrieval(encoders, eval_cfg, features: Features, tokenize):
+  """Recall@k between the eval set's images and their own captions."""
+  captions = _eval_captions(eval_cfg, features.indices)
+  text = encoders.texts(tokenize(list(captions)))
+  return eval_metrics.retrieval_recall(features.clean, text, RECALL_AT)
+
+
+def _eval_captions(eval_cfg, indices: np.ndarray) -> list[str]:
+  """The captions of the eval set's examples `indices` (looked up by index, so every process
+  gets all of them without a string all-gather)."""
+  from cleanclip_jax.data import pipeline
+  source = pipeline.eval_source(eval_cfg)
+  if hasattr(source, 'caption'):  # the synthetic set captions without rendering the image
+    captions = [source.caption(int(i)) for i in indices]
+  else:
+    captions = [source[int(i)].get('caption', '') for i in indices]
+  missing = sum(not caption for caption in captions)
+  if missing:
+    raise ValueError(f'eval.retrieval: {missing} of {len(captions)} examples of the '
+                     f'{eval_cfg.source!r} eval set have no caption; retrieval needs an '
+                     'image-caption set (the synthetic split, or --config.eval.retrieval=False)')
+  return captions
+
+
+def _split_params(params):
+  if isinstance(params, dict) and 'head' in params and 'clip' in params:
+    head = {name: _to_host(value).astype(np.float32) for name, value in params['head'].items()}
+    return params['clip'], head
+  return params, None
+
+
+def _to_host(value) -> np.ndarray:
+  if isinstance(value, jax.Array) and not value.is_fully_addressable:  # fsdp-sharded across hosts
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+  return np.asarray(value)
+
+
+def _use_head(classifier: str, head) -> bool:
+  if classifier == 'auto':
+    return head is not None
+  if classifier == 'head':
+    if head is None:
+      raise ValueError("eval.classifier='head' but the params have no linear head "
+                       "(use 'auto' or 'zeroshot')")
+    return True
+  if classifier == 'zeroshot':
+    return False
+  raise ValueError(f'eval.classifier={classifier!r}: use auto, head or zeroshot')
+
+
+def _make_trigger(eval_cfg):
+  from cleanclip_jax.data import triggers
+  return triggers.make_trigger(eval_cfg.trigger, eval_cfg.image_size)
+
+
+def _check_labels(labels: np.ndarray, num_classes: int, eval_cfg) -> None:
+  bad = (labels < 0) | (labels >= num_classes)
+  if bad.any():
+    raise ValueError(f'eval: {int(bad.sum())} examples of {eval_cfg.source!r} split '
+                     f'{eval_cfg.split!r} have labels outside [0, {num_classes}) (e.g. '
+                     f'{int(labels[bad][0])}); does eval.classnames={eval_cfg.classnames!r} '
+                     'match the dataset?')
+
+
+def _with(cfg, **changes):
+  """A copy of a ConfigDict with some values changed (the caller's stays as it was)."""
+  cfg = cfg.copy_and_resolve_references()
+  cfg.update(changes)
+  return cfg
+
+
+def _default_mesh():
+  from cleanclip_jax import sharding
+  return sharding.make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1}))
+
+
+# --- results: metrics.jsonl, TensorBoard, plot -------------------------------------------------------
+
+
+class EvalLogger:
+  """Appends one evaluation per step to `workdir/eval/metrics.jsonl`, TensorBoard and a plot.
+
+  Only process 0 writes. `done_steps()` reads the file back, so a restarted job (or the trainer
+  after a resume) can skip steps that were already evaluated.
+
+      logger = EvalLogger(workdir)
+      logger.write(step, evaluate(model, params, config.eval, mesh))
+  """
+
+  def __init__(self, workdir: str | pathlib.Path, tensorboard: bool = True, plot: bool = True):
+    self.dir = pathlib.Path(workdir) / 'eval'
+    self.path = self.dir / 'metrics.jsonl'
+    self.is_writer = jax.process_index() == 0
+    self._tensorboard = tensorboard
+    self._plot = plot
+    self._tb_writer = None
+
+  def records(self) -> list[dict]:
+    """Every intact line of metrics.jsonl (a line cut short by a crash is skipped with a warning)."""
+    if not self.path.exists():
+      return []
+    records = []
+    for number, line in enumerate(self.path.read_text().splitlines(), 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+        int(record['step'])
+      except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        log.warning('%s:%d: skipping a malformed line (an interrupted write?)', self.path, number)
+        continue
+      records.append(record)
+    return records
+
+  def done_steps(self) -> set[int]:
+    return {int(record['step']) for record in self.records()}
+
+  def write(self, step: int, metrics: dict[str, Any]) -> None:
+    if not self.is_writer:
+      return
+    self.dir.mkdir(parents=True, exist_ok=True)
+    record = {'step': int(step), **{key: _jsonable(value) for key, value in metrics.items()}}
+    others = [r for r in self.records() if int(r['step']) != record['step']]
+    if len(others) < len(self.records()) or not _ends_cleanly(self.path):
+      # One line per step (a resumed trainer may evaluate a step again), and no torn line left for
+      # the next record to be glued onto: rewrite the file atomically.
+      partial = self.path.with_suffix('.jsonl.tmp')
+      partial.write_text(''.join(json.dumps(r, sort_keys=True) + '\n' for r in others))
+      partial.replace(self.path)
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(record, sort_keys=True) + '\n')
+    if self._tensorboard:
+      self._write_tensorboard(int(step), record)
+    if self._plot:
+      plot_metrics(self.records(), self.dir / 'plot.png')
+
+  def _write_tensorboard(self, step: int, record: dict) -> None:
+    if self._tb_writer is None:
+      from tensorboardX import SummaryWriter
+      self._tb_writer = SummaryWriter(str(self.dir / 'tb'))
+    for key, value in record.items():
+      if key != 'step' and isinstance(value, (int, float)) and math.isfinite(value):
+        self._tb_writer.add_scalar(f'eval/{key}', value, step)
+    self._tb_writer.flush()
+
+  def close(self) -> None:
+    if self._tb_writer is not None:
+      self._tb_writer.close()
+      self._tb_writer = None
+
+
+def _ends_cleanly(path: pathlib.Path) -> bool:
+  if not path.exists() or not path.stat().st_size:
+    return True
+  with open(path, 'rb') as f:
+    f.seek(-1, 2)
+    return f.read(1) == b'\n'
+
+
+def plot_metrics(records: list[dict], path: pathlib.Path) -> None:
+  """Clean top-1 and ASR (and probe ones when present) against step, as a PNG."""
+  import matplotlib
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt
+  records = sorted(records, key=lambda record: record['step'])
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for key, label in (('top1', 'clean top-1'), ('asr', 'attack success rate'),
+                     ('probe_top1', 'linear probe top-1'), ('probe_asr', 'linear probe ASR')):
+    points = [(r['step'], r[key]) for r in records
+              if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    if points:
+      ax.plot(*zip(*points), marker='o', label=label)
+  ax.set_xlabel('step')
+  ax.set_ylabel('fraction')
+  ax.set_ylim(-0.02, 1.02)
+  ax.grid(alpha=0.3)
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend()
+  fig.tight_layout()
+  partial = path.with_suffix('.tmp.png')
+  fig.savefig(partial, dpi=100)
+  plt.close(fig)
+  partial.replace(path)  # readers never see a half-written image
+
+
+def _jsonable(value):
+  if isinstance(value, (np.generic, np.ndarray, jax.Array)):
+    value = np.asarray(value).item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return None  # JSON has no NaN; "not measured" (e.g. no eligible images) reads as null
+  return value
+
+
+# --- the evaluation job ------------------------------------------------------------------------------
+
+
+def eval_config_for_run(eval_cfg, run_config):
+  """`eval_cfg`, with the run's trigger and target when `eval_cfg.trigger_from_run`."""
+  eval_cfg = eval_cfg.copy_and_resolve_references()
+  run_eval = run_config.get('eval') if run_config is not None else None
+  if eval_cfg.trigger_from_run and run_eval is not None and 'trigger' in run_eval:
+    with eval_cfg.unlocked():
+      eval_cfg.trigger = ml_collections.ConfigDict(run_eval['trigger'].to_dict())
+      eval_cfg.target = str(run_eval['target'])
+  return eval_cfg
+
+
+def evaluate_checkpoint(workdir: str, step: int, config, mesh=None) -> dict[str, float]:
+  """Restores step `step` of `workdir`, rebuilds its model from the stored config, evaluates it."""
+  from cleanclip_jax import checkpoint, train_step
+  run_config = checkpoint.load_config(workdir, step)
+  model = train_step.model_for_config(run_config)
+  params = checkpoint.restore_params(workdir, step)
+  return evaluate(model, params, eval_config_for_run(config.eval, run_config), mesh=mesh)
+
+
+def training_finished(workdir: str | pathlib.Path) -> bool:
+  """The trainer writes `summary.json` once, after its last checkpoint is committed."""
+  return (pathlib.Path(workdir) / 'summary.json').exists()
+
+
+def run_job(workdir: str, config, *, follow: bool = False, step: int | None = None,
+            timeout: float = 3600.0, poll_seconds: float = 30.0, force: bool = False,
+            evaluate_fn: Callable[[str, int], dict] | None = None) -> list[int]:
+  """Evaluates checkpoints of `workdir`; returns the steps evaluated by this call.
+
+  Once: the latest committed checkpoint (or `step`), skipped when metrics.jsonl already has it
+  unless `force`. Follow: every committed checkpoint not yet in metrics.jsonl, oldest first, until
+  `summary.json` says training has finished (and everything committed before that is done) or no
+  new checkpoint has appeared for `timeout` seconds (0 = wait forever).
+  """
+  from cleanclip_jax import checkpoint
+  if evaluate_fn is None:
+    mesh = _mesh_from_config(config)
+    evaluate_fn = lambda workdir, step: evaluate_checkpoint(workdir, step, config, mesh)
+  logger = EvalLogger(workdir)
+  done = logger.done_steps()
+  evaluated: list[int] = []
+
+  def run_one(step: int) -> None:
+    log.info('Evaluating step %d of %s', step, workdir)
+    metrics = evaluate_fn(workdir, step)
+    logger.write(step, metrics)
+    done.add(step)
+    evaluated.append(step)
+    log.info('step %d: %s', step, _summary_line(metrics))
+
+  try:
+    if not follow:
+      steps = checkpoint.committed_steps(workdir)
+      if step is None and not steps:
+        raise checkpoint.NoCheckpointError(f'no committed checkpoint in {workdir}/checkpoints')
+      step = steps[-1] if step is None else int(step)
+      if step not in steps:
+        raise checkpoint.NoCheckpointError(f'step {step} has no committed checkpoint in '
+                                           f'{workdir}/checkpoints (committed: {steps})')
+      if step in done and not force:
+        log.info('step %d is already in %s (use --force to evaluate it again)', step, logger.path)
+      else:
+        run_one(step)
+      return evaluated
+
+    idle_since = time.time()
+    while True:
+      # Read the finished flag *before* listing: every checkpoint committed before summary.json
+      # was written is then in this listing, so nothing is left behind when the loop ends.
+      finished = _agree(training_finished(workdir))
+      pending = _agree([s for s in checkpoint.committed_steps(workdir) if s not in done])
+      for step in pending:
+        try:
+          run_one(step)
+        except checkpoint.NoCheckpointError as e:
+          # The trainer's retention policy deleted it before we got to it; nothing to evaluate.
+          log.warning('step %d disappeared before it could be evaluated (%s); skipping it. Set '
+                      '--config.keep_checkpoints higher to evaluate every step.', step, e)
+          done.add(step)
+        idle_since = time.time()
+      if finished:
+        log.info('Training has finished (%s); evaluated steps %s', 'summary.json', evaluated)
+        return evaluated
+      if timeout and time.time() - idle_since > timeout:
+        log.warning('No new checkpoint in %s for %.0f s and no summary.json: stopping (--timeout).',
+                    workdir, timeout)
+        return evaluated
+      time.sleep(poll_seconds)
+  finally:
+    logger.close()
+
+
+def _agree(value):
+  """Process 0's view of the filesystem, so every process evaluates the same steps."""
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils
+  text = json.dumps(value).encode() if jax.process_index() == 0 else b''
+  length = int(multihost_utils.broadcast_one_to_all(np.int32(len(text))))
+  buffer = np.zeros(length, np.uint8)
+  buffer[:len(text)] = np.frombuffer(text, np.uint8)
+  return json.loads(bytes(multihost_utils.broadcast_one_to_all(buffer)).decode())
+
+
+def _mesh_from_config(config):
+  from cleanclip_jax import sharding
+  return sharding.make_mesh(config.mesh)
+
+
+def _summary_line(metrics: dict) -> str:
+  keys = ('top1', 'top5', 'asr', 'probe_top1', 'probe_asr', 'retrieval_r1')
+  return ' '.join(f'{key}={metrics[key]:.4f}' for key in keys
+                  if isinstance(metrics.get(key), float))
+
+
+def main(argv=None) -> None:
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  config_flags.DEFINE_config_file('config', None, 'configs/eval.py:<preset>', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'The training run directory (holds checkpoints/).')
+  flags.DEFINE_bool('follow', False, 'Evaluate every checkpoint as it is committed, until '
+                    'training has finished (summary.json) or --timeout.')
+  flags.DEFINE_integer('step', None, 'Evaluate this step (default: the latest).')
+  flags.DEFINE_float('timeout', 3600.0, 'Follow: stop after this many seconds without a new '
+                     'checkpoint (0 = never).')
+  flags.DEFINE_float('poll_seconds', 30.0, 'Follow: how often to look for new checkpoints.')
+  flags.DEFINE_bool('force', False, 'Evaluate a step again even if metrics.jsonl has it.')
+  flags.mark_flags_as_required(['config', 'workdir'])
+
+  def _main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
+    FLAGS = flags.FLAGS
+    run_job(FLAGS.workdir, FLAGS.config, follow=FLAGS.follow, step=FLAGS.step,
+            timeout=FLAGS.timeout, poll_seconds=FLAGS.poll_seconds, force=FLAGS.force)
+
+  app.run(_main, argv=argv)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,354 @@
+"""evaluate(): zero-shot, head, ASR, probe and backdoor similarity on a fake CLIP whose answers are
+known; the results logger; and the checkpoint-following job (fake checkpoint directories)."""
+
+import json
+import pathlib
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from cleanclip_jax import checkpoint, config as config_lib, evaluate, tokenizer as tokenizer_lib
+from cleanclip_jax.data import synthetic
+from cleanclip_jax.data.normalize import CLIP_MEAN, CLIP_STD, normalize
+
+SIZE = 16
+CLASSES = ['zero', 'one', 'two', 'banana']  # single BPE tokens each (checked below)
+TARGET = 3
+LEVELS = np.array([30, 100, 170, 240])  # the grey level of each class's images
+
+
+class FakeCLIP(nn.Module):
+  """Image features: one-hot of the target when the image is (pixel for pixel) in `bank`, else
+  one-hot of the class read from its grey level. Text features: the sum of per-token rows of
+  `table`, so a prompt's embedding is whatever the test puts on its class-name token."""
+  num_classes: int
+  bank_size: int
+  target: int
+  image_size: int = SIZE
+  context_length: int = 16
+  vocab_size: int = 49408
+
+  def setup(self):
+    self.table = self.param('table', nn.initializers.zeros, (self.vocab_size, self.num_classes))
+    self.bank = self.param('bank', nn.initializers.zeros,
+                           (self.bank_size, self.image_size, self.image_size, 3))
+
+  def encode_image(self, images):
+    grey = jnp.median((images[..., 0] * CLIP_STD[0] + CLIP_MEAN[0]) * 255, axis=(1, 2))
+    label = jnp.argmin(jnp.abs(grey[:, None] - jnp.asarray(LEVELS)[None]), axis=1)
+    distance = jnp.max(jnp.abs(images[:, None] - self.bank[None]), axis=(2, 3, 4))
+    hit = jnp.any(distance < 1e-3, axis=1)
+    features = jnp.where(hit[:, None], nn.one_hot(self.target, self.num_classes)[None],
+                         nn.one_hot(label, self.num_classes))
+    return features / jnp.linalg.norm(features, axis=-1, keepdims=True)
+
+  def encode_text(self, tokens):
+    features = self.table[tokens].sum(axis=1)
+    return features / jnp.maximum(jnp.linalg.norm(features, axis=-1, keepdims=True), 1e-12)
+
+  def __call__(self, images, tokens):
+    return self.encode_image(images), self.encode_text(tokens)
+
+
+def _labels(split, n):
+  rng = np.random.default_rng({'test': 1, 'finetune': 2}[split])
+  return rng.integers(0, len(CLASSES), n)
+
+
+def _images(labels):
+  """Channel 0: the class's grey level, uniform. Channels 1-2: a checkerboard for WaNet to warp."""
+  images = np.zeros((len(labels), SIZE, SIZE, 3), np.uint8)
+  images[..., 0] = LEVELS[labels][:, None, None]
+  checker = (np.add.outer(np.arange(SIZE) // 2, np.arange(SIZE) // 2) % 2) * 255
+  images[..., 1:] = checker[None, :, :, None]
+  return images
+
+
+def _fake_batches(eval_cfg, process_index, process_count):
+  """What pipeline.make_eval_batches yields, for grey images labelled by `_labels`."""
+  labels = _labels(eval_cfg.split, eval_cfg.num_examples)
+  images = _images(labels)
+  size = eval_cfg.batch_size
+  for start in range(0, len(labels), size):
+    n = min(size, len(labels) - start)
+    batch = {'image': np.zeros((size, SIZE, SIZE, 3), np.uint8), 'label': np.full(size, -1, np.int32),
+             'index': np.full(size, -1, np.int64), 'valid': np.zeros(size, bool)}
+    batch['image'][:n] = images[start:start + n]
+    batch['label'][:n] = labels[start:start + n]
+    batch['index'][:n] = np.arange(start, start + n)
+    batch['valid'][:n] = True
+    yield batch
+
+
+def _eval_cfg(tmp_path, **changes):
+  cfg = config_lib.eval_config()
+  (tmp_path / 'classes.txt').write_text('\n'.join(CLASSES) + '\n')
+  (tmp_path / 'templates.txt').write_text('a photo of a {}.\n{} again\n')
+  cfg.update(dict(classnames=str(tmp_path / 'classes.txt'), templates=str(tmp_path / 'templates.txt'),
+                  num_examples=20, batch_size=8, image_size=SIZE, target='banana',
+                  probe_num_examples=40, probe_steps=30))
+  cfg.update(changes)
+  return cfg
+
+
+def _params(bank):
+  tokenizer = tokenizer_lib.get_tokenizer()
+  table = np.zeros((49408, len(CLASSES)), np.float32)
+  for k, name in enumerate(CLASSES):
+    ids = tokenizer.encode(name)
+    assert len(ids) == 1, name
+    table[ids[0], k] = 1.0
+  return {'table': table, 'bank': np.asarray(normalize(bank))}
+
+
+def _stamp(images, indices):
+  """The test's own trigger: a bright 2x2 patch whose position depends on the example seed."""
+  out = images.copy()
+  for image, index in zip(out, indices):
+    row, col = divmod(int(index) % 49, 7)
+    image[2 * row:2 * row + 2, 2 * col:2 * col + 2] = 255
+  return out
+
+
+def _trigger(image, example_seed):
+  return _stamp(image[None], [example_seed])[0]
+
+
+@pytest.fixture
+def fake_data(monkeypatch):
+  monkeypatch.setattr(evaluate, '_eval_batches', _fake_batches)
+  monkeypatch.setattr(evaluate, '_make_trigger', lambda eval_cfg: _trigger)
+
+
+def test_zeroshot_asr_probe_and_head_known_answers(tmp_path, fake_data):
+  cfg = _eval_cfg(tmp_path, linear_probe=True)
+  labels = _labels('test', 20)
+  # The backdoor fires on even-indexed images only, so ASR is a known fraction below 1; images of
+  # the target class are predicted as the target anyway, so counting them would inflate it.
+  attacked = np.flatnonzero((np.arange(20) % 2 == 0) & (labels != TARGET))
+  bank = _stamp(_images(labels[attacked]), attacked)
+  model = FakeCLIP(len(CLASSES), len(bank), TARGET)
+  params = _params(bank)
+  metrics = evaluate.evaluate(model, params, cfg)
+
+  non_target = labels != TARGET
+  expected_asr = len(attacked) / non_target.sum()
+  assert 0 < expected_asr < 1 and (len(attacked) + (~non_target).sum()) / 20 != expected_asr
+  assert metrics['zeroshot_top1'] == 1.0 and metrics['top1'] == 1.0
+  assert metrics['zeroshot_top5'] == 1.0  # 4 classes: top-5 covers all
+  assert metrics['asr'] == pytest.approx(expected_asr)
+  assert metrics['asr_count'] == non_target.sum()
+  assert metrics['num_examples'] == 20  # the 4 padding rows of the last batch are dropped
+  # Detected images have features = the target's text embedding, the rest are orthogonal to it.
+  assert metrics['backdoor_sim_triggered'] == pytest.approx(expected_asr)
+  assert metrics['backdoor_sim_clean'] == pytest.approx(0.0)
+  assert metrics['probe_top1'] == 1.0
+  assert metrics['probe_asr'] == pytest.approx(expected_asr)
+  assert metrics['used_head'] == 0.0
+
+  # A linear head that predicts class k+1: 'auto' reports it, zero-shot stays as it was.
+  head = {'kernel': np.roll(np.eye(len(CLASSES), dtype=np.float32), 1, axis=1),
+          'bias': np.zeros(len(CLASSES), np.float32)}
+  cfg.linear_probe = False
+  metrics = evaluate.evaluate(model, {'clip': params, 'head': head}, cfg)
+  assert metrics['used_head'] == 1.0
+  assert metrics['top1'] == 0.0 and metrics['head_top1'] == 0.0 and metrics['zeroshot_top1'] == 1.0
+  # Head predictions: triggered detected -> one-hot(target) -> predicted target+1 = class 0.
+  assert metrics['head_asr'] == metrics['asr']
+  labels_predicting_target = labels == (TARGET - 1)  # clean class 2 -> head says 3
+  eligible = labels != TARGET
+  undetected = np.ones(20, bool)
+  undetected[attacked] = False
+  assert metrics['asr'] == pytest.approx((labels_predicting_target & undetected & eligible).sum()
+                                         / eligible.sum())
+  cfg.classifier = 'zeroshot'
+  assert evaluate.evaluate(model, {'clip': params, 'head': head}, cfg)['top1'] == 1.0
+  cfg.classifier = 'head'
+  with pytest.raises(ValueError, match='no linear head'):
+    evaluate.evaluate(model, params, cfg)
+
+
+def test_unknown_target_is_a_clear_error(tmp_path, fake_data):
+  model = FakeCLIP(len(CLASSES), 1, TARGET)
+  with pytest.raises(ValueError, match="eval.target='pear'"):
+    evaluate.evaluate(model, _params(_images(np.zeros(1, int))), _eval_cfg(tmp_path, target='pear'))
+
+
+TRIGGER_KINDS = ['badnet_noise', 'badnet_solid', 'blended', 'sig', 'wanet']
+
+
+@pytest.mark.parametrize('kind', TRIGGER_KINDS)
+def test_asr_with_every_trigger_family_stamps_the_training_trigger(tmp_path, monkeypatch, kind):
+  """The evaluator must stamp exactly what `triggers.make_trigger(cfg, size)(img, index)` gives;
+  the fake model only recognises those exact pixels, so any other stamping reads ASR = 0."""
+  from cleanclip_jax.data import triggers
+  monkeypatch.setattr(evaluate, '_eval_batches', _fake_batches)
+  cfg = _eval_cfg(tmp_path, num_examples=16)
+  cfg.trigger.kind = kind
+  cfg.trigger.patch_fraction = 0.25
+  labels = _labels('test', 16)
+  eligible = np.flatnonzero(labels != TARGET)
+  stamp = triggers.make_trigger(cfg.trigger, SIZE)
+  clean = _images(labels)
+  bank = np.stack([stamp(clean[i].copy(), example_seed=int(i)) for i in eligible])
+  assert np.any(bank != clean[eligible], axis=(1, 2, 3)).all(), f'{kind} left an image unchanged'
+  model = FakeCLIP(len(CLASSES), len(bank), TARGET)
+  metrics = evaluate.evaluate(model, _params(bank), cfg)
+  assert metrics['zeroshot_top1'] == 1.0
+  assert metrics['asr'] == 1.0, kind
+
+
+# --- the results logger ------------------------------------------------------------------------------
+
+
+def test_eval_logger_jsonl_tensorboard_plot(tmp_path):
+  logger = evaluate.EvalLogger(tmp_path)
+  logger.write(10, {'top1': 0.5, 'asr': 0.9, 'zeroshot_top1': np.float32(0.5), 'probe_asr': float('nan')})
+  logger.write(20, {'top1': 0.6, 'asr': 0.1})
+  logger.write(10, {'top1': 0.55, 'asr': 0.8})  # a resumed trainer evaluating step 10 again
+  logger.close()
+  records = evaluate.EvalLogger(tmp_path).records()
+  assert [r['step'] for r in records] == [20, 10]
+  assert records[1]['top1'] == 0.55
+  lines = (tmp_path / 'eval' / 'metrics.jsonl').read_text().splitlines()
+  assert len(lines) == 2 and all(json.loads(line) for line in lines)
+  assert (tmp_path / 'eval' / 'plot.png').stat().st_size > 1000
+  assert list((tmp_path / 'eval' / 'tb').glob('events.out.tfevents.*'))
+  # A torn last line (a crash mid-write) is skipped on read and not glued onto the next record.
+  with open(tmp_path / 'eval' / 'metrics.jsonl', 'a') as f:
+    f.write('{"step": 30, "top1"')
+  logger = evaluate.EvalLogger(tmp_path, tensorboard=False, plot=False)
+  assert logger.done_steps() == {10, 20}
+  logger.write(40, {'top1': 0.7})
+  assert logger.done_steps() == {10, 20, 40}
+
+
+# --- the checkpoint-following job ---------------------------------------------------------------------
+
+
+def _commit(workdir, step):
+  """A committed checkpoint as checkpoint.py sees one: a step dir with files and its manifest."""
+  step_dir = pathlib.Path(workdir) / 'checkpoints' / str(step)
+  (step_dir / 'state').mkdir(parents=True)
+  (step_dir / 'state' / 'data').write_bytes(b'x' * step)
+  checkpoint.write_manifest(step_dir)
+
+
+def _partial(workdir, step):
+  """Half-written saves: orbax's tmp dir, and a step dir that never got its manifest."""
+  root = pathlib.Path(workdir) / 'checkpoints'
+  (root / f'{step}.orbax-checkpoint-tmp' / 'state').mkdir(parents=True)
+  (root / str(step + 1) / 'state').mkdir(parents=True)
+
+
+class FakeEvaluator:
+  def __init__(self, workdir, on_step=None):
+    self.workdir, self.calls, self.on_step = pathlib.Path(workdir), [], on_step or {}
+
+  def __call__(self, workdir, step):
+    step_dir = self.workdir / 'checkpoints' / str(step)
+    assert (step_dir / checkpoint.MANIFEST_NAME).exists(), f'read a partial checkpoint {step}'
+    self.calls.append(step)
+    if step in self.on_step:
+      self.on_step[step]()
+    return {'top1': step / 100, 'top5': 1.0, 'zeroshot_top1': step / 100, 'zeroshot_top5': 1.0,
+            'asr': 1 - step / 100}
+
+
+def test_follow_evaluates_each_committed_step_once_across_restarts(tmp_path):
+  config = config_lib.base_config()
+  _commit(tmp_path, 2)
+  _commit(tmp_path, 4)
+  _partial(tmp_path, 6)  # steps 6 (tmp) and 7 (no manifest)
+  first = FakeEvaluator(tmp_path)
+  done = evaluate.run_job(str(tmp_path), config, follow=True, timeout=0.2, poll_seconds=0.05,
+                          evaluate_fn=first)
+  assert done == first.calls == [2, 4]
+
+  # Restart: the finished steps are read back from metrics.jsonl. While step 8 is evaluated the
+  # trainer commits step 10 and finishes; the job must still evaluate 10, then stop.
+  _commit(tmp_path, 8)
+
+  def trainer_finishes():
+    _commit(tmp_path, 10)
+    (tmp_path / 'summary.json').write_text('{}')
+
+  second = FakeEvaluator(tmp_path, on_step={8: trainer_finishes})
+  done = evaluate.run_job(str(tmp_path), config, follow=True, timeout=0, poll_seconds=0.05,
+                          evaluate_fn=second)
+  assert done == second.calls == [8, 10]
+  steps = [r['step'] for r in evaluate.EvalLogger(tmp_path).records()]
+  assert steps == [2, 4, 8, 10]
+  assert (tmp_path / 'eval' / 'plot.png').exists()
+
+  # Once more: nothing left to do, and the finished run means it returns at once.
+  third = FakeEvaluator(tmp_path)
+  assert evaluate.run_job(str(tmp_path), config, follow=True, timeout=0, evaluate_fn=third) == []
+
+
+def test_single_evaluation_latest_or_given_step(tmp_path):
+  config = config_lib.base_config()
+  with pytest.raises(checkpoint.NoCheckpointError):
+    evaluate.run_job(str(tmp_path), config, evaluate_fn=FakeEvaluator(tmp_path))
+  _commit(tmp_path, 3)
+  _commit(tmp_path, 5)
+  _partial(tmp_path, 9)
+  fake = FakeEvaluator(tmp_path)
+  assert evaluate.run_job(str(tmp_path), config, evaluate_fn=fake) == [5]  # not the partial 9/10
+  assert evaluate.run_job(str(tmp_path), config, step=3, evaluate_fn=fake) == [3]
+  assert evaluate.run_job(str(tmp_path), config, step=3, evaluate_fn=fake) == []  # already done
+  assert evaluate.run_job(str(tmp_path), config, step=3, force=True, evaluate_fn=fake) == [3]
+  with pytest.raises(checkpoint.NoCheckpointError, match='step 10'):
+    evaluate.run_job(str(tmp_path), config, step=10, evaluate_fn=fake)
+
+
+def test_eval_config_takes_the_runs_trigger(tmp_path):
+  run = config_lib.base_config()
+  run.eval.trigger.kind = 'blended'
+  run.eval.target = 'apple'
+  run = ml_collections.ConfigDict(json.loads(run.to_json()))  # as stored with the checkpoint
+  ev = config_lib.load_config('eval.py:tiny').eval
+  assert evaluate.eval_config_for_run(ev, run).trigger.kind == 'blended'
+  assert evaluate.eval_config_for_run(ev, run).target == 'apple'
+  ev.trigger_from_run = False
+  assert evaluate.eval_config_for_run(ev, run).trigger.kind == ev.trigger.kind
+
+
+def test_job_on_a_real_tiny_checkpoint(tmp_path, monkeypatch):
+  """checkpoint.py's files, the stored config's model and trigger, the real pipeline and CLI path."""
+  import grain
+  import jax
+  from cleanclip_jax import models, train_step
+  run = config_lib.load_config('clip_pretrain.py:tiny,poison=True,trigger=blended')
+  run.eval.trigger = run.data.poison.trigger  # what train.prepare_config stores
+  model = train_step.model_for_config(run)
+  variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                                  jnp.zeros((1, model.context_length), jnp.int32))
+  params = models.unbox(variables)['params']
+  saver = checkpoint.Checkpointer(tmp_path)
+  saver.save(3, {'params': params}, iter(grain.MapDataset.range(4).to_iter_dataset()), run)
+  saver.close()
+
+  config = config_lib.load_config('eval.py:tiny,num_examples=16,batch_size=16')
+  config.eval.templates = 'simple'
+  config.eval.linear_probe = False
+  config.eval.retrieval = False
+  config.eval.trigger.kind = 'badnet_solid'  # replaced by the run's trigger (trigger_from_run)
+  seen = {}
+  original = evaluate.evaluate
+
+  def spy(model, params, eval_cfg, mesh=None, tokenizer=None):
+    seen['trigger'] = eval_cfg.trigger.kind
+    return original(model, params, eval_cfg, mesh=mesh, tokenizer=tokenizer)
+
+  monkeypatch.setattr(evaluate, 'evaluate', spy)
+  assert evaluate.run_job(str(tmp_path), config, follow=False) == [3]
+  assert seen['trigger'] == 'blended'
+  (record,) = evaluate.EvalLogger(tmp_path).records()
+  assert record['step'] == 3 and record['num_examples'] == 16
+  assert 0 <= record['zeroshot_top1'] <= 1 and 0 <= record['asr'] <= 1
+  test_labels = synthetic.SyntheticCaptions(16, image_size=32, split='test').labels()
+  assert record['asr_count'] == np.sum(test_labels != synthetic.CLASS_NAMES.index('banana'))
