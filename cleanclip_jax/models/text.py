@@ -1,0 +1,45 @@
+"""The text tower: token + positional embedding, causal pre-LN blocks, final LN, the features at the
+EOT token (the largest id in each row), linear projection."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from cleanclip_jax.models.transformer import Dtype, LayerNorm, Transformer, normal, partitioned
+
+
+class TextTransformer(nn.Module):
+  context_length: int
+  vocab_size: int
+  width: int
+  layers: int
+  heads: int
+  output_dim: int
+  mlp_ratio: float = 4.0
+  quick_gelu: bool = False
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens):
+    """tokens: int [B, L] with L <= context_length -> [B, output_dim] (not normalised)."""
+    length = tokens.shape[-1]
+    if length > self.context_length:
+      raise ValueError(f'text tower has context length {self.context_length}, got tokens {tokens.shape}')
+    x = nn.Embed(self.vocab_size, self.width, dtype=jnp.float32, param_dtype=jnp.float32,
+                 embedding_init=partitioned(normal(0.02), 'vocab', 'embed'),
+                 name='token_embedding')(tokens)
+    pos = self.param('positional_embedding', partitioned(normal(0.01), None, 'embed'),
+                     (self.context_length, self.width))
+    x = x + pos[:length]
+    x = Transformer(self.layers, self.heads, self.mlp_ratio, self.quick_gelu, causal=True,
+                    remat=self.remat, dtype=self.dtype, name='transformer')(x)
+    x = LayerNorm(name='ln_final')(x)
+    # The EOT token has the largest id, so argmax finds it (CLIP's convention).
+    eot = jnp.argmax(tokens, axis=-1)
+    x = jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]
+    proj = self.param('text_projection', partitioned(normal(self.width ** -0.5), 'embed', None),
+                      (self.width, self.output_dim))
+    return jnp.dot(x.astype(self.dtype), proj.astype(self.dtype),
+                   preferred_element_type=jnp.float32)

@@ -1,0 +1,150 @@
+"""Pre-LN transformer pieces shared by the text tower, the ViT tower and ResNet attention pooling.
+
+Mixed precision: parameters are float32; matmuls run in the compute `dtype`; the residual stream,
+layer norms and the attention softmax stay float32 so bf16 compute does not drift from fp32
+numerics more than the matmuls themselves require.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def partitioned(init: Callable, *names: str | None) -> Callable:
+  """An initializer whose parameter carries logical axis names (see `sharding.py`)."""
+  return nn.with_logical_partitioning(init, names)
+
+
+def normal(std: float) -> Callable:
+  return nn.initializers.normal(stddev=std)
+
+
+def quick_gelu(x):
+  """OpenAI CLIP's activation: x * sigmoid(1.702 x)."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+def gelu(x):
+  # Exact (erf) GELU, as torch.nn.GELU() computes it.
+  return jax.nn.gelu(x, approximate=False)
+
+
+def activation(quick: bool) -> Callable:
+  return quick_gelu if quick else gelu
+
+
+def LayerNorm(name: str) -> nn.LayerNorm:  # pylint: disable=invalid-name
+  """LayerNorm computed and returned in float32 with torch's epsilon, whatever the compute dtype."""
+  return nn.LayerNorm(
+      epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32, name=name,
+      scale_init=partitioned(nn.initializers.ones, 'norm'),
+      bias_init=partitioned(nn.initializers.zeros, 'norm'))
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head attention with separate q/k/v projections (kernels [embed, heads, kv]).
+
+  `out_features` lets ResNet attention pooling project to the embedding size in the same layer.
+  """
+  num_heads: int
+  out_features: int | None = None
+  in_std: float = 0.02
+  out_std: float = 0.02
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs_q, inputs_kv, causal: bool = False):
+    width = inputs_q.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f'attention width {width} is not divisible by {self.num_heads} heads')
+    head_dim = width // self.num_heads
+
+    def project(name, inputs):
+      return nn.DenseGeneral(
+          (self.num_heads, head_dim), dtype=self.dtype, param_dtype=jnp.float32, name=name,
+          kernel_init=partitioned(normal(self.in_std), 'embed', 'heads', 'kv'),
+          bias_init=partitioned(nn.initializers.zeros, 'heads', 'kv'))(inputs)
+
+    q = project('query', inputs_q) * jnp.asarray(head_dim ** -0.5, self.dtype)
+    k = project('key', inputs_kv)
+    v = project('value', inputs_kv)
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
+    if causal:
+      q_len, k_len = logits.shape[-2:]
+      mask = jnp.tril(jnp.ones((q_len, k_len), bool))
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    context = jnp.einsum('bhqk,bkhd->bqhd', weights, v)
+    return nn.DenseGeneral(
+        self.out_features or width, axis=(-2, -1), dtype=self.dtype, param_dtype=jnp.float32,
+        kernel_init=partitioned(normal(self.out_std), 'heads', 'kv', 'embed'),
+        bias_init=partitioned(nn.initializers.zeros, 'embed'), name='out')(context)
+
+
+class MLP(nn.Module):
+  hidden: int
+  quick_gelu: bool = False
+  fc_std: float = 0.02
+  proj_std: float = 0.02
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    x = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=jnp.float32, name='c_fc',
+                 kernel_init=partitioned(normal(self.fc_std), 'embed', 'mlp'),
+                 bias_init=partitioned(nn.initializers.zeros, 'mlp'))(x)
+    x = activation(self.quick_gelu)(x)
+    return nn.Dense(width, dtype=self.dtype, param_dtype=jnp.float32, name='c_proj',
+                    kernel_init=partitioned(normal(self.proj_std), 'mlp', 'embed'),
+                    bias_init=partitioned(nn.initializers.zeros, 'embed'))(x)
+
+
+class ResidualAttentionBlock(nn.Module):
+  """x + attn(ln_1(x)); x + mlp(ln_2(x)). The residual stream is float32."""
+  num_heads: int
+  mlp_ratio: float = 4.0
+  quick_gelu: bool = False
+  causal: bool = False
+  num_layers: int = 12  # of the whole stack, for the init scale of the output projections
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    attn_std = width ** -0.5
+    proj_std = attn_std * (2 * self.num_layers) ** -0.5
+    h = LayerNorm(name='ln_1')(x)
+    h = MultiHeadAttention(self.num_heads, in_std=attn_std, out_std=proj_std, dtype=self.dtype,
+                           name='attn')(h, h, causal=self.causal)
+    x = x + h.astype(jnp.float32)
+    h = LayerNorm(name='ln_2')(x)
+    h = MLP(int(width * self.mlp_ratio), self.quick_gelu, fc_std=(2 * width) ** -0.5,
+            proj_std=proj_std, dtype=self.dtype, name='mlp')(h)
+    return x + h.astype(jnp.float32)
+
+
+class Transformer(nn.Module):
+  """A stack of `layers` blocks named resblocks_0..N-1; `remat` recomputes each block's
+  activations in the backward pass (memory for FLOPs)."""
+  layers: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  quick_gelu: bool = False
+  causal: bool = False
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    block = nn.remat(ResidualAttentionBlock) if self.remat else ResidualAttentionBlock
+    for i in range(self.layers):
+      x = block(self.num_heads, self.mlp_ratio, self.quick_gelu, self.causal, self.layers,
+                self.dtype, name=f'resblocks_{i}')(x)
+    return x

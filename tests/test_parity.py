@@ -1,0 +1,115 @@
+"""Parity with open_clip: the same weights, imported through `load_pretrained`, give the same
+features. open_clip models are randomly initialised here (nothing is downloaded); small custom
+configs of both tower families keep it fast, plus one full-size named architecture (ViT-B-32)."""
+
+import dataclasses
+import os
+
+import numpy as np
+import pytest
+
+from torch_ref import import_open_clip, torch
+
+open_clip = import_open_clip()
+
+import cleanclip_jax as cc  # pylint: disable=wrong-import-position
+from cleanclip_jax import convert, models  # pylint: disable=wrong-import-position
+
+CAPTIONS = ['a photo of a banana', 'two dogs playing in the snow, 4k photo', '']
+# Head width 64 as in every released CLIP: the head count is not in the weights, so import assumes it.
+TEXT_CFG = dict(context_length=77, vocab_size=49408, width=128, heads=2, layers=2)
+SMALL_VIT = dict(embed_dim=48, vision_cfg=dict(image_size=32, layers=2, width=128, patch_size=8),
+                 text_cfg=TEXT_CFG)
+SMALL_RN = dict(embed_dim=48, vision_cfg=dict(image_size=64, layers=[1, 2, 1, 1], width=16),
+                text_cfg=TEXT_CFG)
+
+
+def _randomise(model, seed):
+  """open_clip's init leaves norms at 1/0, biases at 0 and bn3 at 0: perturb them so every
+  parameter and BatchNorm statistic reaches the comparison."""
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+      if tensor.ndim != 1 or not tensor.is_floating_point():
+        continue
+      noise = torch.randn(tensor.shape, generator=gen)
+      if name.endswith('running_var'):
+        tensor.copy_(0.5 + noise.abs())
+      elif name.endswith('.weight') and any(n in name for n in ('bn', 'ln', 'downsample.1')):
+        tensor.copy_(1.0 + 0.1 * noise)
+      else:
+        tensor.copy_(0.05 * noise)
+  return model.eval()
+
+
+def _compare(torch_model, path, quick_gelu, image_size, batch=2, atol=1e-4):
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(batch, image_size, image_size, 3)).astype(np.float32)
+  tokens = cc.tokenize(CAPTIONS[:batch])
+  with torch.no_grad():
+    ref_img = torch_model.encode_image(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+    ref_txt = torch_model.encode_text(torch.from_numpy(tokens.astype(np.int64))).numpy()
+  model, params = cc.load_pretrained(path, quick_gelu=quick_gelu)
+  img = model.apply({'params': params}, images, normalize=False, method=model.encode_image)
+  txt = model.apply({'params': params}, tokens, normalize=False, method=model.encode_text)
+  np.testing.assert_allclose(img, ref_img, atol=atol, rtol=1e-3)
+  np.testing.assert_allclose(txt, ref_txt, atol=atol, rtol=1e-3)
+  # The public jitted helpers return the normalised versions of the same features.
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  np.testing.assert_allclose(cc.encode_image(model, params, images), unit(ref_img), atol=atol)
+  np.testing.assert_allclose(cc.encode_text(model, params, tokens), unit(ref_txt), atol=atol)
+  np.testing.assert_allclose(params['logit_scale'], torch_model.logit_scale.item(), rtol=1e-6)
+  return model
+
+
+def test_vit_quickgelu_parity_through_pt_file(tmp_path):
+  torch_model = _randomise(open_clip.model.CLIP(**SMALL_VIT, quick_gelu=True), seed=0)
+  path = os.path.join(tmp_path, 'vit.pt')
+  torch.save({'epoch': 3, 'state_dict': {f'module.{k}': v for k, v in torch_model.state_dict().items()}}, path)
+  model = _compare(torch_model, path, quick_gelu=True, image_size=32)
+  assert model.config.quick_gelu and model.image_size == 32 and model.config.vision.patch_size == 8
+
+
+def test_resnet_gelu_parity_through_safetensors(tmp_path):
+  from safetensors.torch import save_file  # pylint: disable=import-outside-toplevel
+  torch_model = _randomise(open_clip.model.CLIP(**SMALL_RN, quick_gelu=False), seed=1)
+  path = os.path.join(tmp_path, 'rn.safetensors')
+  save_file({k: v.contiguous() for k, v in torch_model.state_dict().items()}, path)
+  model = _compare(torch_model, path, quick_gelu=False, image_size=64)
+  assert model.config.vision.layers == (1, 2, 1, 1) and model.image_size == 64
+
+
+def test_full_size_vit_b_32_image_parity(tmp_path):
+  torch_model = _randomise(open_clip.create_model('ViT-B-32', pretrained=None), seed=2)
+  path = os.path.join(tmp_path, 'vitb32.pt')
+  torch.save(torch_model.state_dict(), path)
+  images = np.random.default_rng(1).normal(size=(1, 224, 224, 3)).astype(np.float32)
+  with torch.no_grad():
+    ref = torch_model.encode_image(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+  model, params = cc.load_pretrained(path, 'ViT-B-32')
+  assert convert.config_name(model.config) == 'ViT-B-32'
+  img = model.apply({'params': params}, images, normalize=False, method=model.encode_image)
+  np.testing.assert_allclose(img, ref, atol=2e-4, rtol=1e-3)
+
+
+@pytest.mark.filterwarnings('ignore:.*torch.jit.script.*:DeprecationWarning')
+def test_wrong_architecture_and_torchscript_are_refused(tmp_path):
+  torch_model = open_clip.model.CLIP(**SMALL_VIT)
+  path = os.path.join(tmp_path, 'vit.pt')
+  torch.save(torch_model.state_dict(), path)
+  with pytest.raises(convert.CheckpointError, match='vit.pt'):
+    cc.load_pretrained(path, 'tiny-vit')  # same family, other widths: names the parameter
+  with pytest.raises(convert.CheckpointError, match='lacks .visual.bn1.weight'):
+    cc.load_pretrained(path, 'tiny-rn')
+  # A shorter context keeps the first text positions.
+  config = convert.infer_config(convert.read_state_dict(path))
+  short = models.CLIP(dataclasses.replace(config, text=dataclasses.replace(config.text, context_length=16)))
+  _, params = cc.load_pretrained(path, short)
+  np.testing.assert_array_equal(params['text']['positional_embedding'],
+                                torch_model.positional_embedding.detach().numpy()[:16])
+
+  scripted = torch.jit.script(torch.nn.Linear(2, 2))
+  script_path = os.path.join(tmp_path, 'openai.pt')
+  scripted.save(script_path)
+  with pytest.raises(convert.CheckpointError, match='TorchScript'):
+    cc.load_pretrained(script_path)
