@@ -164,7 +164,11 @@ def base_config() -> ConfigDict:
       'name': 'clip',  # clip | cleanclip | siglip | supervised
       'clip_weight': 1.0,
       'inmodal_weight': 1.0,
-      'sharded_loss': True,  # rows-vs-gathered-columns form: logits memory linear in the batch
+      'sharded_loss': True,  # shard_map form: each device scores its own rows (see losses.py)
+      # gather: rows vs all-gathered columns (per-device logits b_local x B_global, as open_clip);
+      # ring: column blocks passed around the devices (per-device logits b_local x b_local, flat
+      # when the device count grows at a fixed per-device batch).
+      'sharded_loss_impl': 'gather',
       'num_classes': 0,  # supervised head size; 0 = taken from the dataset
       'freeze_tower': False,  # supervised: train only the linear head
   })

@@ -1,0 +1,253 @@
+"""Training-step throughput and MFU: the jitted JAX CLIP and CleanCLIP steps vs open_clip (PyTorch).
+
+  python benchmarks/train_step.py --batch 64 --threads 2 --steps 5
+
+Runs on the current JAX backend (CPU here, one device) and on the CPU for PyTorch, with the same
+model (`bench-vit`: ViT 64px/8, width 256, 6 layers; text width 256, 6 layers, context 77), the same
+batch, AdamW and gradient clipping in both. Prints the median step time of `--steps` timed steps
+after `--warmup` untimed ones (the first compiles), MFU against the measured f32 2048^2 matmul
+peak, and the sharded-loss memory check: for the dense and the sharded CLIP loss, the per-device
+temp bytes XLA plans for the loss gradient at 4 and 8 emulated CPU devices with a fixed per-device
+batch (each in a subprocess, since the device count is fixed at JAX start-up). Last line: JSON.
+
+Threads: XLA's CPU runtime sizes its thread pool from the process's CPU affinity (it has no
+intra-op thread-count flag; `--xla_cpu_multi_thread_eigen=false` only switches Eigen threading off),
+so `--threads N` pins the process to N CPUs with `os.sched_setaffinity` (what `taskset` does)
+before JAX or PyTorch start, and PyTorch additionally gets `torch.set_num_threads(N)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+
+def _parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--model', default='bench-vit')
+  parser.add_argument('--batch', type=int, default=64)
+  parser.add_argument('--threads', type=int, default=2)
+  parser.add_argument('--steps', type=int, default=5, help='timed steps (median reported)')
+  parser.add_argument('--warmup', type=int, default=2, help='untimed steps first (compile, caches)')
+  parser.add_argument('--skip-torch', action='store_true')
+  parser.add_argument('--skip-memory', action='store_true')
+  parser.add_argument('--memory-devices', default='4,8')
+  parser.add_argument('--memory-batch-per-device', type=int, default=256)
+  # Internal: the memory-analysis child process.
+  parser.add_argument('--memory-child', type=int, default=0, help=argparse.SUPPRESS)
+  return parser.parse_args(argv)
+
+
+def _pin_threads(threads: int) -> None:
+  available = sorted(os.sched_getaffinity(0))
+  os.sched_setaffinity(0, set(available[:max(1, threads)]))
+
+
+def _synthetic_batch(batch: int, image_size: int, context: int, seed: int = 0):
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  tokens = np.zeros((batch, context), np.int32)
+  lengths = rng.integers(5, context - 1, batch)
+  for i, length in enumerate(lengths):
+    tokens[i, 0] = 49406  # SOT
+    tokens[i, 1:length] = rng.integers(1, 49000, length - 1)
+    tokens[i, length] = 49407  # EOT: the largest id, where both models pool
+  images = rng.integers(0, 256, (batch, image_size, image_size, 3), dtype=np.uint8)
+  return {'image': images, 'tokens': tokens,
+          'aug_image': np.flip(images, axis=2).copy(), 'aug_tokens': tokens.copy()}
+
+
+def _time_steps(run_step, warmup: int, steps: int) -> float:
+  for _ in range(warmup):
+    run_step()
+  times = []
+  for _ in range(max(1, steps)):
+    start = time.perf_counter()
+    run_step()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def bench_jax(args, objective: str) -> float:
+  """Median seconds per step of the jitted step for `objective`."""
+  import jax
+  from cleanclip_jax import config as config_lib
+  from cleanclip_jax import sharding, train_step
+
+  config = config_lib.base_config()
+  config.model.name = args.model
+  config.batch_size = args.batch
+  config.objective.name = objective
+  config.mesh.data, config.mesh.fsdp = 1, 1
+  config.warmup_steps = 0
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  model = train_step.model_for_config(config)
+  state, shardings = train_step.create_train_state(config, model, mesh, jax.random.PRNGKey(0))
+  step_fn = train_step.make_train_step(config, model, mesh, shardings)
+  batch = _synthetic_batch(args.batch, model.image_size, model.context_length)
+  if objective != 'cleanclip':
+    batch = {k: v for k, v in batch.items() if not k.startswith('aug_')}
+  global_batch = sharding.host_batch_to_global(batch, mesh)
+  holder = {'state': state}
+
+  def run():
+    holder['state'], metrics = step_fn(holder['state'], global_batch)
+    jax.block_until_ready(metrics)
+  start = time.perf_counter()
+  run()
+  print(f'jax {objective}: first step (compile + run) {time.perf_counter() - start:.1f}s', flush=True)
+  return _time_steps(run, max(0, args.warmup - 1), args.steps)
+
+
+def _torch_open_clip():
+  import torch
+  # torchvision's CUDA build breaks `import open_clip` without these op stubs (see tests/torch_ref.py).
+  lib = torch.library.Library('torchvision', 'DEF')
+  lib.define('nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor')
+  lib.define('qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor')
+  import open_clip
+  return torch, open_clip, lib
+
+
+def bench_torch(args) -> float:
+  """Median seconds per step of open_clip's CLIP with the same architecture, f32, AdamW."""
+  from cleanclip_jax import models
+  from cleanclip_jax.data.normalize import CLIP_MEAN, CLIP_STD
+  torch, open_clip, _lib = _torch_open_clip()
+  torch.set_num_threads(args.threads)
+  cfg = models.get_config(args.model)
+  if cfg.vision.is_resnet:
+    raise SystemExit('the open_clip comparison is written for ViT models')
+  model = open_clip.model.CLIP(
+      embed_dim=cfg.embed_dim, quick_gelu=cfg.quick_gelu,
+      vision_cfg=dict(image_size=cfg.vision.image_size, layers=cfg.vision.layers, width=cfg.vision.width,
+                      patch_size=cfg.vision.patch_size, head_width=cfg.vision.head_width,
+                      mlp_ratio=cfg.vision.mlp_ratio),
+      text_cfg=dict(context_length=cfg.text.context_length, vocab_size=cfg.text.vocab_size,
+                    width=cfg.text.width, heads=cfg.text.heads, layers=cfg.text.layers,
+                    mlp_ratio=cfg.text.mlp_ratio))
+  model.train()
+  optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
+  loss_fn = open_clip.ClipLoss()
+  batch = _synthetic_batch(args.batch, cfg.vision.image_size, cfg.text.context_length)
+  images_u8 = torch.from_numpy(batch['image']).permute(0, 3, 1, 2).contiguous()
+  tokens = torch.from_numpy(batch['tokens']).long()
+  mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+  std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+
+  def run():
+    images = (images_u8.float() / 255.0 - mean) / std
+    image_features, text_features, logit_scale = model(images, tokens)[:3]  # logit_scale: exp'd
+    loss = loss_fn(image_features, text_features, logit_scale)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+  return _time_steps(run, args.warmup, args.steps)
+
+
+MEMORY_FORMS = ('dense', 'gather', 'ring')
+
+
+def memory_child(args) -> None:
+  """Temp bytes per device of d(loss)/d(features) for the dense and sharded CLIP loss."""
+  import jax
+  import jax.numpy as jnp
+  from cleanclip_jax import losses, sharding
+  devices = jax.device_count()
+  mesh = sharding.make_mesh({'data': -1, 'fsdp': 1})
+  batch = args.memory_batch_per_device * devices
+  spec = jax.ShapeDtypeStruct((batch, 256), jnp.float32, sharding=sharding.batch_sharding(mesh))
+  scale = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh))
+  result = {'devices': devices, 'global_batch': batch}
+  for name, loss_mesh, impl in (('dense', None, 'gather'), ('gather', mesh, 'gather'), ('ring', mesh, 'ring')):
+    loss = lambda i, t, s, m=loss_mesh, impl=impl: losses.clip_loss(i, t, s, m, impl)
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    analysis = grad.lower(spec, spec, scale).compile().memory_analysis()
+    result[f'{name}_temp_bytes'] = int(analysis.temp_size_in_bytes)
+  print('MEMORY ' + json.dumps(result), flush=True)
+
+
+def run_memory(args) -> list[dict]:
+  rows = []
+  for devices in [int(d) for d in args.memory_devices.split(',')]:
+    env = dict(os.environ, JAX_PLATFORMS='cpu',
+               XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), '--memory-child', str(devices),
+                          '--memory-batch-per-device', str(args.memory_batch_per_device)],
+                         env=env, capture_output=True, text=True, timeout=600, check=True)
+    line = next(l for l in out.stdout.splitlines() if l.startswith('MEMORY '))
+    rows.append(json.loads(line[len('MEMORY '):]))
+  print(f'sharded-loss memory (per-device temp bytes of the loss gradient, '
+        f'{args.memory_batch_per_device} examples per device, embed 256):')
+  for row in rows:
+    print(f"  {row['devices']} devices (global batch {row['global_batch']}): " + ', '.join(
+        f"{name} {row[name + '_temp_bytes'] / 2**20:.2f} MiB" for name in MEMORY_FORMS))
+  if len(rows) >= 2:
+    print(f'  growth from {rows[0]["devices"]} to {rows[-1]["devices"]} devices: ' + ', '.join(
+        f"{name} x{rows[-1][name + '_temp_bytes'] / max(1, rows[0][name + '_temp_bytes']):.2f}"
+        for name in MEMORY_FORMS))
+  return rows
+
+
+def main(argv=None):
+  args = _parse_args(argv)
+  if args.memory_child:
+    memory_child(args)
+    return
+  _pin_threads(args.threads)
+  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+  import jax
+  from cleanclip_jax import flops, models
+
+  memory = [] if args.skip_memory else run_memory(args)
+  print(f'backend {jax.default_backend()}, {args.threads} threads '
+        f'(affinity {sorted(os.sched_getaffinity(0))}), batch {args.batch}, model {args.model}', flush=True)
+  peak = flops.measure_matmul_peak()
+  print(f'f32 2048^2 matmul peak: {peak / 1e9:.1f} GFLOP/s', flush=True)
+
+  clip_time = bench_jax(args, 'clip')
+  clean_time = bench_jax(args, 'cleanclip')
+  cfg = models.get_config(args.model)
+  clip_flops = flops.train_flops_per_example(cfg, 'clip', global_batch=args.batch)
+  jax_rate = args.batch / clip_time
+  mfu = flops.mfu(clip_flops, jax_rate, peak)
+  clean_mfu = flops.mfu(flops.train_flops_per_example(cfg, 'cleanclip', global_batch=args.batch),
+                        args.batch / clean_time, peak)
+  print(f'jax clip:      {clip_time * 1e3:.0f} ms/step, {jax_rate:.1f} img/s, '
+        f'{clip_flops / 1e9:.2f} GFLOP/example, MFU {mfu:.3f}')
+  print(f'jax cleanclip: {clean_time * 1e3:.0f} ms/step, {args.batch / clean_time:.1f} examples/s '
+        f'(2 views each), MFU {clean_mfu:.3f}, x{clean_time / clip_time:.2f} the clip step time')
+
+  torch_rate = None
+  if not args.skip_torch:
+    torch_time = bench_torch(args)
+    torch_rate = args.batch / torch_time
+    print(f'open_clip (torch f32): {torch_time * 1e3:.0f} ms/step, {torch_rate:.1f} img/s, '
+          f'MFU {flops.mfu(clip_flops, torch_rate, peak):.3f}')
+    print(f'jax / torch throughput: {jax_rate / torch_rate:.2f}')
+  summary = {
+      'jax_img_per_s': round(jax_rate, 2),
+      'torch_img_per_s': None if torch_rate is None else round(torch_rate, 2),
+      'ratio': None if torch_rate is None else round(jax_rate / torch_rate, 3),
+      'mfu': round(mfu, 4),
+      'cleanclip_over_clip_time': round(clean_time / clip_time, 3),
+      'matmul_peak_gflops': round(peak / 1e9, 1),
+  }
+  if memory:
+    for name in MEMORY_FORMS:
+      summary[f'{name}_loss_temp_bytes'] = {r['devices']: r[f'{name}_temp_bytes'] for r in memory}
+  print(json.dumps(summary))
+
+
+if __name__ == '__main__':
+  main()
