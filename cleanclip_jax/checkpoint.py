@@ -1,0 +1,354 @@
+"""Checkpoints: orbax `CheckpointManager` plus an integrity manifest, fallback and params-only restore.
+
+Layout: `workdir/checkpoints/<step>/` with the items `state` (the sharded `TrainState`, RNG
+included), `data` (the grain iterator state, one JSON file per process) and `config` (JSON).
+
+Orbax makes a save atomic: it writes `<step>.orbax-checkpoint-tmp/` and renames it to `<step>/`
+once every process has finished (on object stores, where there is no rename, it writes
+`commit_success.txt` last instead). A step directory that exists is therefore complete *as
+written*. What orbax cannot see is a file damaged afterwards (a truncated copy, a bad disk block),
+so just before the rename we write `cleanclip_manifest.json` (size and CRC-32 of every file) into
+the step directory. A checkpoint counts as intact when it is committed and every file matches its
+manifest; restore walks from the newest step down to the first intact one, warning about each one
+it skips, and moves a bad one aside (`workdir/checkpoints_rejected/`) so later saves of the same
+step number are not blocked by it.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import time
+import zlib
+from typing import Any, Iterable
+
+import grain.checkpoint as grain_checkpoint
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
+from orbax.checkpoint.path import step as ocp_step
+
+CHECKPOINT_SUBDIR = 'checkpoints'
+REJECTED_SUBDIR = 'checkpoints_rejected'
+MANIFEST_NAME = 'cleanclip_manifest.json'
+_TMP_SUFFIX = '.orbax-checkpoint-tmp'
+# Written by orbax after our manifest (commit timestamp / commit marker), so not covered by it.
+_UNCOVERED = frozenset({MANIFEST_NAME, '_CHECKPOINT_METADATA', 'commit_success.txt'})
+
+
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written; the message names the step, the cause and the way out."""
+
+
+class NoCheckpointError(FileNotFoundError):
+  """No committed, intact checkpoint where one was asked for."""
+
+
+# ----------------------------------------------------------------------------- paths and listing
+
+
+def checkpoint_root(path_or_workdir: epath.PathLike) -> epath.Path:
+  """The orbax root for a workdir; accepts the root itself too (a dir named `checkpoints`)."""
+  path = epath.Path(path_or_workdir)
+  if path.name == CHECKPOINT_SUBDIR:
+    return path
+  return path / CHECKPOINT_SUBDIR
+
+
+def _resolve(path_or_workdir: epath.PathLike, step: int | None) -> tuple[epath.Path, int | None]:
+  """(root, step) for a workdir, a checkpoints root or one step directory."""
+  path = epath.Path(path_or_workdir)
+  if path.name.isdigit() and (path / 'state').exists():
+    if step is not None and step != int(path.name):
+      raise ValueError(f'{path} is the checkpoint of step {path.name}, not of step {step}')
+    return path.parent, int(path.name)
+  return checkpoint_root(path), step
+
+
+def _files(directory: epath.Path) -> list[epath.Path]:
+  # epath refuses recursive globs (they are slow on object stores), so walk explicitly.
+  files = []
+  for entry in directory.iterdir():
+    files.extend(_files(entry) if entry.is_dir() else [entry])
+  return sorted(files)
+
+
+def _file_digests(step_dir: epath.Path) -> dict[str, list[int]]:
+  digests = {}
+  for file in _files(step_dir):
+    relative = str(file.relative_to(step_dir))
+    if relative in _UNCOVERED:
+      continue
+    crc, size = 0, 0
+    with file.open('rb') as f:
+      while chunk := f.read(1 << 22):
+        crc = zlib.crc32(chunk, crc)
+        size += len(chunk)
+    digests[relative] = [size, crc]
+  return digests
+
+
+def write_manifest(step_dir: epath.PathLike) -> None:
+  """Records size and CRC-32 of every file in a finished (not yet renamed) step directory."""
+  step_dir = epath.Path(step_dir)
+  manifest = {'version': 1, 'written_at': time.time(), 'files': _file_digests(step_dir)}
+  (step_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+
+
+def verify(step_dir: epath.PathLike, checksums: bool = True) -> list[str]:
+  """Problems found in a committed step directory against its manifest; [] when intact.
+
+  With `checksums=False` only presence and sizes are compared (cheap enough for listing).
+  """
+  step_dir = epath.Path(step_dir)
+  manifest_path = step_dir / MANIFEST_NAME
+  if not manifest_path.exists():
+    return [f'{manifest_path.name} is missing (the save never reached its commit)']
+  try:
+    expected = json.loads(manifest_path.read_text())['files']
+  except (ValueError, KeyError) as e:
+    return [f'{manifest_path.name} is unreadable: {e}']
+  problems = []
+  try:
+    if checksums:
+      actual = _file_digests(step_dir)
+    else:
+      actual = {name: [(step_dir / name).stat().length, None] for name in expected
+                if (step_dir / name).exists()}
+  except OSError as e:  # e.g. another process moved the directory away meanwhile
+    return [f'unreadable: {e}']
+  for name, (size, crc) in expected.items():
+    if name not in actual:
+      problems.append(f'{name} is missing')
+    elif actual[name][0] != size:
+      problems.append(f'{name} has {actual[name][0]} bytes, expected {size}')
+    elif checksums and actual[name][1] != crc:
+      problems.append(f'{name} is corrupted (CRC-32 mismatch)')
+  return problems
+
+
+def _finalized_steps(root: epath.Path) -> list[int]:
+  return sorted(ocp_step.checkpoint_steps(root)) if root.exists() else []
+
+
+def uncommitted_dirs(path_or_workdir: epath.PathLike) -> list[epath.Path]:
+  """Half-written step directories (an interrupted save); orbax deletes them on the next run."""
+  root = checkpoint_root(path_or_workdir)
+  if not root.exists():
+    return []
+  return sorted(p for p in root.iterdir() if _TMP_SUFFIX in p.name)
+
+
+def committed_steps(path_or_workdir: epath.PathLike) -> list[int]:
+  """Steps with a committed checkpoint whose files are all present at their recorded sizes.
+
+  Never lists a half-written checkpoint; full checksums are left to restore (`verify`).
+  """
+  root = checkpoint_root(path_or_workdir)
+  return [s for s in _finalized_steps(root) if not verify(root / str(s), checksums=False)]
+
+
+# ----------------------------------------------------------------------------- params-only restore
+
+
+def _intact_steps_newest_first(root: epath.Path, step: int | None) -> Iterable[int]:
+  """Yields intact steps (a given step, or newest first), warning about each one skipped."""
+  candidates = [step] if step is not None else list(reversed(_finalized_steps(root)))
+  for candidate in candidates:
+    step_dir = root / str(candidate)
+    if not step_dir.exists():
+      raise NoCheckpointError(f'no committed checkpoint of step {candidate} in {root} '
+                              f'(committed: {committed_steps(root)})')
+    problems = verify(step_dir)
+    if problems:
+      if step is not None:
+        raise NoCheckpointError(f'checkpoint {step_dir} is damaged: ' + '; '.join(problems))
+      logging.warning('Skipping checkpoint %s: %s', step_dir, '; '.join(problems))
+      continue
+    yield candidate
+
+
+def restore_params(path_or_workdir: epath.PathLike, step: int | None = None,
+                   abstract_params: Any = None) -> Any:
+  """The `params` tree of a committed, intact checkpoint (the newest one when `step` is None).
+
+  `path_or_workdir` is a workdir, its `checkpoints/` directory or one `checkpoints/<step>/`.
+  Arrays come back as numpy arrays, or, given `abstract_params` (a tree of
+  `jax.ShapeDtypeStruct` with shardings), straight onto those shardings.
+  """
+  root, step = _resolve(path_or_workdir, step)
+  checkpointer = ocp.PyTreeCheckpointer()
+  errors = []
+  for candidate in _intact_steps_newest_first(root, step):
+    state_dir = root / str(candidate) / 'state'
+    try:
+      target = abstract_params
+      if target is None:
+        metadata = checkpointer.metadata(state_dir)
+        target = metadata.item_metadata.tree['params']
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+      else:
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+      restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+          item={'params': target}, restore_args={'params': restore_args}, partial_restore=True))
+    except Exception as e:  # pylint: disable=broad-except
+      if step is not None:
+        raise
+      logging.warning('Skipping checkpoint %s: restore failed: %s', state_dir.parent, e)
+      errors.append(f'{candidate}: {e}')
+      continue
+    logging.info('Restored params of step %d from %s', candidate, root)
+    return restored['params']
+  raise NoCheckpointError(f'no committed, intact checkpoint in {root}'
+                          + (f' (failed: {errors})' if errors else ''))
+
+
+def load_config(path_or_workdir: epath.PathLike, step: int | None = None) -> ml_collections.ConfigDict:
+  """The config saved with a checkpoint (the newest intact one when `step` is None)."""
+  root, step = _resolve(path_or_workdir, step)
+  for candidate in _intact_steps_newest_first(root, step):
+    text = (root / str(candidate) / 'config' / 'metadata').read_text()
+    return ml_collections.ConfigDict(json.loads(text))
+  raise NoCheckpointError(f'no committed, intact checkpoint in {root}')
+
+
+# ----------------------------------------------------------------------------- the trainer's side
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def _is_disk_full(error: BaseException) -> bool:
+  while error is not None:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+      return True
+    if 'No space left' in str(error):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+@functools.cache
+def _avoid_replica_slicing_on_cpu() -> None:
+  # Orbax splits the host copy of replicated arrays across replicas (fast on TPU); on CPU each
+  # distinct shape x device is a small compiled slice, which costs seconds per process.
+  if jax.devices()[0].platform == 'cpu':
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+
+
+class Checkpointer:
+  """The trainer's checkpoints: asynchronous saves, exact resume, fallback past damaged ones.
+
+  Saves are forced at the steps the caller chooses (the trainer owns the schedule); orbax keeps
+  the newest `keep` checkpoints plus every `keep_every_steps`-th one.
+  """
+
+  def __init__(self, workdir: epath.PathLike, keep: int = 3, keep_every_steps: int = 0):
+    self.workdir = epath.Path(workdir)
+    self.root = checkpoint_root(workdir)
+    for leftover in uncommitted_dirs(self.root):
+      logging.warning('Skipping half-written checkpoint %s (its save was interrupted); '
+                      'removing it.', leftover)
+    self._saving_step: int | None = None
+    _avoid_replica_slicing_on_cpu()
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep if keep > 0 else None,
+        keep_period=keep_every_steps or None,
+        cleanup_tmp_directories=True,
+        enable_async_checkpointing=True,
+        async_options=ocp.AsyncOptions(post_finalization_callback=self._write_manifest),
+    )
+    self._manager = ocp.CheckpointManager(self.root, options=options)
+
+  def _write_manifest(self) -> None:
+    # Runs on the primary process after every process has written its files, before the rename
+    # that commits the checkpoint: a committed checkpoint always has its manifest.
+    step = self._saving_step
+    tmp_dirs = [p for p in uncommitted_dirs(self.root) if p.name.startswith(f'{step}{_TMP_SUFFIX}')]
+    write_manifest(tmp_dirs[0] if tmp_dirs else self.root / str(step))
+
+  @property
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def _save_failed(self, error: BaseException) -> CheckpointSaveError:
+    step = self._saving_step
+    intact = committed_steps(self.root)
+    previous = [s for s in intact if step is None or s < step]
+    fallback = (f'the last intact checkpoint is step {previous[-1]} ({self.root / str(previous[-1])})'
+                if previous else 'there is no earlier intact checkpoint')
+    disk_full = _is_disk_full(error)
+    return CheckpointSaveError(
+        f'Saving the checkpoint of step {step} to {self.root} failed: '
+        f'{"the disk is full: " if disk_full else ""}{type(error).__name__}: {error}. '
+        f'{fallback[0].upper()}{fallback[1:]}; {"free space" if disk_full else "fix the cause"} '
+        'and rerun the same command to resume from it.')
+
+  def save(self, step: int, state: Any, data_iterator: Any, config: ml_collections.ConfigDict) -> None:
+    """Starts an asynchronous save of step `step` (returns once arrays are copied off device)."""
+    self.wait()  # one save in flight at a time; surfaces the previous save's error here
+    self._saving_step = step
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=grain_checkpoint.CheckpointSave(data_iterator),
+        config=ocp.args.JsonSave(json.loads(config.to_json())),
+    )
+    try:
+      self._manager.save(step, args=args, force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_failed(e) from e
+
+  def wait(self) -> None:
+    """Blocks until the save in flight is committed; raises CheckpointSaveError if it failed."""
+    try:
+      self._manager.wait_until_finished()
+      self._manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_failed(e) from e
+
+  def _reject(self, step: int, reason: str) -> None:
+    logging.warning('Skipping checkpoint %s: %s', self.root / str(step), reason)
+    if jax.process_index() == 0:
+      destination = self.workdir / REJECTED_SUBDIR / f'{step}-{int(time.time())}'
+      destination.parent.mkdir(parents=True, exist_ok=True)
+      (self.root / str(step)).rename(destination)
+      logging.warning('Moved it to %s so the run can write step %d again.', destination, step)
+    _sync(f'cleanclip_reject_{step}')
+    self._manager.reload()
+
+  def restore_latest(self, abstract_state: Any, data_iterator: Any) -> tuple[int, Any] | None:
+    """Restores the newest intact checkpoint into `data_iterator` and onto `abstract_state`'s shardings.
+
+    Returns (step, state), or None when there is nothing to resume from.
+    """
+    for step in reversed(_finalized_steps(self.root)):
+      problems = verify(self.root / str(step))
+      if problems:
+        self._reject(step, '; '.join(problems))
+        continue
+      args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                data=grain_checkpoint.CheckpointRestore(data_iterator))
+      try:
+        restored = self._manager.restore(step, args=args)
+      except Exception as e:  # pylint: disable=broad-except
+        self._reject(step, f'restore failed: {type(e).__name__}: {e}')
+        continue
+      logging.info('Resumed from checkpoint %s', self.root / str(step))
+      return step, restored['state']
+    return None
+
+  def close(self) -> None:
+    """Waits for the save in flight (raising if it failed) and releases the manager."""
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
+

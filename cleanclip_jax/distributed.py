@@ -1,0 +1,51 @@
+"""Joining a multi-process run: `jax.distributed.initialize()` where there is more than one process.
+
+Three ways a process learns its place, tried in order:
+  1. `launch/local.py` sets `JAX_COORDINATOR_ADDRESS`, `CLEANCLIP_NUM_PROCESSES` and
+     `CLEANCLIP_PROCESS_ID` (N processes on one machine, CPU collectives);
+  2. JAX's own cluster detection (Cloud TPU pods, SLURM `srun`, Open MPI, Kubernetes);
+  3. neither: a single process, nothing to do.
+Must run before anything touches a JAX device, so the trainer calls it first thing in `main`.
+`CLEANCLIP_NO_DISTRIBUTED=1` skips it (e.g. a single-process run inside a SLURM allocation).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+from absl import logging
+
+ENV_COORDINATOR = 'JAX_COORDINATOR_ADDRESS'  # read by jax.distributed itself as well
+ENV_NUM_PROCESSES = 'CLEANCLIP_NUM_PROCESSES'
+ENV_PROCESS_ID = 'CLEANCLIP_PROCESS_ID'
+ENV_DISABLE = 'CLEANCLIP_NO_DISTRIBUTED'
+
+
+def is_initialized() -> bool:
+  return jax.distributed.is_initialized()
+
+
+def initialize() -> None:
+  """Initialises jax.distributed when this process is one of several; a no-op otherwise."""
+  if os.environ.get(ENV_DISABLE, '') not in ('', '0') or is_initialized():
+    return
+  if ENV_NUM_PROCESSES in os.environ:
+    missing = [k for k in (ENV_COORDINATOR, ENV_PROCESS_ID) if k not in os.environ]
+    if missing:
+      raise RuntimeError(f'{ENV_NUM_PROCESSES} is set but {", ".join(missing)} is not; '
+                         'launch with launch/local.py or set all three.')
+    jax.distributed.initialize(
+        coordinator_address=os.environ[ENV_COORDINATOR],
+        num_processes=int(os.environ[ENV_NUM_PROCESSES]),
+        process_id=int(os.environ[ENV_PROCESS_ID]))
+  else:
+    try:
+      jax.distributed.initialize()  # auto-detects TPU pods, SLURM, MPI, k8s
+    except ValueError as e:
+      # Raised before any connection attempt when no cluster was detected.
+      logging.info('Single-process run (%s)', e)
+      return
+  logging.info('jax.distributed: process %d of %d, %d local / %d global devices',
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count())

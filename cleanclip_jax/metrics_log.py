@@ -1,0 +1,134 @@
+"""Run metrics: `metrics.jsonl` (one JSON object per logged step) and TensorBoard, from process 0.
+
+A resumed run must leave one line per step, so opening a writer at a resume step first drops every
+line past it (and a line torn by a kill), and TensorBoard is told to purge events past it too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import sys
+from typing import Any, Mapping
+
+import jax
+from absl import logging
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+  """The records of a JSONL file; a torn last line (a killed writer) is ignored."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    return []
+  records = []
+  lines = path.read_text().splitlines()
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      if number == len(lines):
+        break
+      raise ValueError(f'{path}:{number}: not a JSON object: {line[:80]!r}') from None
+  return records
+
+
+def truncate_jsonl(path: str | os.PathLike, last_step: int) -> int:
+  """Keeps only records with `step <= last_step` (atomic rewrite); returns how many were dropped."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    return 0
+  records = read_jsonl(path)
+  kept = [r for r in records if r.get('step', 0) <= last_step]
+  raw_lines = sum(1 for line in path.read_text().splitlines() if line.strip())
+  if raw_lines == len(kept):
+    return 0
+  tmp = path.with_name(path.name + '.tmp')
+  tmp.write_text(''.join(json.dumps(r) + '\n' for r in kept))
+  os.replace(tmp, path)
+  return raw_lines - len(kept)
+
+
+def _jsonable(value: Any) -> Any:
+  value = getattr(value, 'item', lambda: value)()  # numpy / jax scalars
+  if isinstance(value, float) and not math.isfinite(value):
+    return None  # strict JSON has no NaN / Inf (the same convention as eval/metrics.jsonl)
+  return value
+
+
+class JsonlWriter:
+  """Appends one record per call to a JSONL file, flushed so a killed run keeps what it logged."""
+
+  def __init__(self, path: str | os.PathLike, resume_step: int = 0, enabled: bool | None = None):
+    self.path = pathlib.Path(path)
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self._file = None
+    if not self.enabled:
+      return
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    dropped = truncate_jsonl(self.path, resume_step)
+    if dropped:
+      logging.info('Dropped %d records past step %d from %s (resumed run)', dropped, resume_step,
+                   self.path)
+    self._file = self.path.open('a')
+
+  def write(self, step: int, values: Mapping[str, Any]) -> None:
+    if self._file is None:
+      return
+    record = {'step': int(step), **{k: _jsonable(v) for k, v in values.items()}}
+    self._file.write(json.dumps(record) + '\n')
+    self._file.flush()
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
+      self._file = None
+
+
+def _summary_writer_class():
+  """tensorboardX.SummaryWriter, imported without torch.
+
+  tensorboardX imports torch at module level only to accept torch tensors, which costs seconds
+  of every run's start-up; hiding torch for the duration of the import skips that.
+  """
+  if 'tensorboardX' in sys.modules or 'torch' in sys.modules:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    return SummaryWriter
+  sys.modules['torch'] = None  # makes `import torch` raise ImportError, which tensorboardX handles
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  finally:
+    del sys.modules['torch']
+  return SummaryWriter
+
+
+class MetricsWriter:
+  """`workdir/metrics.jsonl` plus TensorBoard events under `workdir/tensorboard/`."""
+
+  def __init__(self, workdir: str | os.PathLike, resume_step: int = 0, enabled: bool | None = None,
+               tensorboard: bool = True):
+    workdir = pathlib.Path(workdir)
+    self.jsonl = JsonlWriter(workdir / 'metrics.jsonl', resume_step, enabled)
+    self._tb = None
+    if self.jsonl.enabled and tensorboard:
+      SummaryWriter = _summary_writer_class()  # pylint: disable=invalid-name
+      # purge_step makes TensorBoard hide events a killed run logged past the resume step.
+      self._tb = SummaryWriter(str(workdir / 'tensorboard'), purge_step=resume_step + 1,
+                               flush_secs=30)
+
+  def write(self, step: int, values: Mapping[str, Any]) -> None:
+    self.jsonl.write(step, values)
+    if self._tb is not None:
+      for key, value in values.items():
+        value = _jsonable(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+          self._tb.add_scalar(key, value, step)
+
+  def close(self) -> None:
+    self.jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None

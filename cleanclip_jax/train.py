@@ -1,0 +1,459 @@
+"""The trainer: one config in, a resumable sharded training run out.
+
+    python -m cleanclip_jax.train --config configs/clip_pretrain.py:tiny --workdir /tmp/tiny \
+        [--config.<key>=<value> ...]
+
+What a run does, top to bottom (`run`):
+  1. checks the config against the devices and the inputs on disk (before anything compiles);
+  2. builds the mesh, the model and each process's share of the grain input pipeline;
+  3. resumes from the newest intact checkpoint in `workdir/checkpoints/` if there is one, else
+     creates the state (from `init_checkpoint` / `init_pytorch` params when finetuning);
+  4. loops: host batch -> global arrays -> jitted step -> metrics (process 0 writes
+     `metrics.jsonl`, TensorBoard, a tqdm bar) -> inline evaluation -> asynchronous checkpoint;
+  5. writes `summary.json` once the last checkpoint is committed.
+
+Stopping:
+  * a non-finite loss stops the run naming the step (`on_nan='stop'`; nothing is saved after the
+    last good checkpoint), or skips that update and counts it (`on_nan='skip'`: the step keeps
+    the old params and optimiser state, see `train_step.train_step`);
+  * SIGTERM (a preemption notice) saves a checkpoint at the current step and exits with
+    `PREEMPTED_EXIT_CODE` (143 = 128 + SIGTERM); rerunning the same command resumes from it.
+    On several processes jax's preemption sync point makes them all stop at the same step;
+  * a failed checkpoint save (e.g. a full disk) stops the run with exit code 1 and a message naming
+    the step and the last intact checkpoint.
+Exit codes of `main`: 0 done, 1 run error, 2 config error, 143 preempted (checkpoint saved).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import json
+import logging as python_logging
+import math
+import os
+import pathlib
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from cleanclip_jax import checkpoint, distributed, flops, metrics_log, sharding, train_step
+from cleanclip_jax import config as config_lib
+
+PREEMPTED_EXIT_CODE = 143
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'A configs/*.py file with an optional :preset.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, metrics, summary.')
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss became NaN/Inf under `on_nan='stop'`."""
+
+
+class Preempted(Exception):
+  """Raised inside the loop when a SIGTERM asked for a checkpoint-and-exit."""
+
+
+# ----------------------------------------------------------------------------- config and inputs
+
+
+def _num_classes(data_cfg: ml_collections.ConfigDict) -> int:
+  from cleanclip_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  if data_cfg.source == 'synthetic':
+    from cleanclip_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+    return len(synthetic.CLASS_NAMES)
+  source = pipeline.train_source(data_cfg)
+  names = getattr(source, 'class_names', None)
+  if names:
+    return len(names)
+  labels = getattr(source, 'labels', None)
+  labels = np.asarray(labels() if callable(labels) else labels if labels is not None else [])
+  if labels.size == 0 or labels.max() < 0:
+    raise config_lib.ConfigError(
+        'objective.name=supervised needs labels: set --config.data.label_key=COLUMN, and '
+        '--config.objective.num_classes=N if the labels are not class indices 0..N-1')
+  return int(labels.max()) + 1
+
+
+def check_inputs(config: ml_collections.ConfigDict) -> None:
+  """Fails fast (before compiling) when a file the run needs is not there."""
+  data = config.data
+  path = data.path
+  if data.source in ('csv', 'array_record') and path and '://' not in path:
+    import glob  # pylint: disable=g-import-not-at-top
+    if not (os.path.exists(path) or glob.glob(path) or glob.glob(os.path.join(path, '*.array_record'))):
+      raise config_lib.ConfigError(
+          f'data.path={path!r} does not exist (data.source={data.source!r}); pass '
+          '--config.data.path=PATH to a CSV/TSV file, or an .array_record file, glob or folder')
+  if config.init_checkpoint and config.init_pytorch:
+    raise config_lib.ConfigError('set only one of init_checkpoint and init_pytorch')
+  if config.init_checkpoint and '://' not in config.init_checkpoint:
+    if not os.path.exists(config.init_checkpoint):
+      raise config_lib.ConfigError(
+          f'init_checkpoint={config.init_checkpoint!r} does not exist; give a workdir, its '
+          'checkpoints/ folder or one checkpoints/<step> folder')
+  if config.init_pytorch and not os.path.exists(config.init_pytorch):
+    raise config_lib.ConfigError(f'init_pytorch={config.init_pytorch!r} does not exist; give a '
+                                 '.pt / .bin / .safetensors file')
+  if config.objective.name == 'cleanclip' and not data.inmodal_views:
+    raise config_lib.ConfigError('objective.name=cleanclip needs the augmented views: set '
+                                 '--config.data.inmodal_views=True')
+
+
+def prepare_config(config: ml_collections.ConfigDict, num_devices: int) -> ml_collections.ConfigDict:
+  """A resolved copy of `config`: validated, total steps in steps, dataset-derived values filled."""
+  from cleanclip_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  config = config.copy_and_resolve_references()
+  config_lib.validate(config, num_devices)
+  check_inputs(config)
+  with config.unlocked():
+    if config.total_epochs and config.total_epochs > 0:
+      config.total_steps = config_lib.resolve_total_steps(config, pipeline.dataset_size(config.data))
+    if config.objective.name == 'supervised' and config.objective.num_classes <= 0:
+      config.objective.num_classes = _num_classes(config.data)
+    if config.data.poison.enabled:
+      # ASR is measured with the backdoor this run plants (and the stored config says which).
+      config.eval.trigger = config.data.poison.trigger.copy_and_resolve_references()
+      config.eval.target = config.data.poison.target
+  if config.total_steps <= 0:
+    raise config_lib.ConfigError(f'total_steps={config.total_steps}: give --config.total_steps=N '
+                                 'or --config.total_epochs=E (> 0)')
+  return config
+
+
+def _load_init_params(config: ml_collections.ConfigDict, model) -> Any:
+  if config.init_checkpoint:
+    logging.info('Initialising params from %s', config.init_checkpoint)
+    return checkpoint.restore_params(config.init_checkpoint)
+  if config.init_pytorch:
+    from cleanclip_jax import convert  # pylint: disable=g-import-not-at-top
+    logging.info('Initialising params from PyTorch weights %s', config.init_pytorch)
+    clip = getattr(model, 'clip', model)
+    _, params = convert.load_pretrained(config.init_pytorch, clip)
+    return params
+  return None
+
+
+# ----------------------------------------------------------------------------- preemption
+
+
+class PreemptionWatch:
+  """Turns SIGTERM into "save and stop at a step every process agrees on".
+
+  One process: a signal handler sets a flag, checked once per step. Several: jax's preemption
+  sync manager (started by `jax.distributed.initialize`) owns SIGTERM and picks the step.
+  """
+
+  def __init__(self):
+    self._requested = threading.Event()
+    self._previous = None
+    self._multi = jax.process_count() > 1
+
+  def __enter__(self):
+    if not self._multi and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._requested.set())
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+  def should_stop(self, step: int) -> bool:
+    if self._multi:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._requested.is_set()
+
+
+# ----------------------------------------------------------------------------- throughput
+
+
+class Throughput:
+  """Step time, images/s and MFU over the steps since the last log line (the first, compiling,
+  step is reported apart as `compile_seconds`)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, model):
+    clip = getattr(model, 'clip', model)
+    self.batch_size = config.batch_size
+    self.flops_per_example = flops.train_flops_per_example(
+        clip.config, config.objective.name, config.batch_size,
+        int(config.objective.num_classes), bool(config.objective.freeze_tower))
+    on_cpu = jax.devices()[0].platform == 'cpu'
+    # The CPU peak is only a reference point; keep its measurement short.
+    peak = flops.measure_matmul_peak(size=512 if on_cpu else 4096, repeats=3 if on_cpu else 10)
+    self.peak_total = peak * jax.device_count()
+    self._steps, self._seconds, self._last = 0, 0.0, time.perf_counter()
+
+  def tick(self) -> float:
+    now = time.perf_counter()
+    seconds, self._last = now - self._last, now
+    self._steps += 1
+    self._seconds += seconds
+    return seconds
+
+  def skip(self) -> None:
+    """Excludes the time since the last tick (compilation, evaluation, checkpoint waits)."""
+    self._last = time.perf_counter()
+
+  def window(self) -> dict[str, float]:
+    if not self._steps:
+      return {}
+    step_time = self._seconds / self._steps
+    images_per_second = self.batch_size / step_time
+    self._steps, self._seconds = 0, 0.0
+    return {'step_seconds': step_time, 'images_per_second': images_per_second,
+            'mfu': flops.mfu(self.flops_per_example, images_per_second, self.peak_total)}
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _progress_bar(total: int, initial: int):
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  show = jax.process_index() == 0 and sys.stderr.isatty()
+  return tqdm(total=total, initial=initial, disable=not show, dynamic_ncols=True, desc='train',
+              unit='step', smoothing=0.1)
+
+
+def _write_json(path: pathlib.Path, value: dict) -> None:
+  if jax.process_index() != 0:
+    return
+  tmp = path.with_name(path.name + '.tmp')
+  tmp.write_text(json.dumps(value, indent=1, sort_keys=True, default=str))
+  os.replace(tmp, path)
+
+
+_STEP_FUNCTIONS: dict = {}
+# Keys that never reach the compiled step (what to load, how often to log/save, evaluation).
+_NOT_IN_STEP = ('init_checkpoint', 'init_pytorch', 'log_every_steps', 'checkpoint_every_steps',
+                'keep_checkpoints', 'keep_every_steps', 'eval')
+
+
+def _step_function(config, model, mesh, state_shardings):
+  """The jitted step, reused when `run` is called again in this process with a config that differs
+  only in `_NOT_IN_STEP` (a resumed stage, the tests): compiling it is most of a small run's
+  start-up."""
+  relevant = {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_STEP}
+  key = (json.dumps(relevant, sort_keys=True, default=str), mesh)
+  if key not in _STEP_FUNCTIONS:
+    _STEP_FUNCTIONS.clear()  # hold one at most
+    _STEP_FUNCTIONS[key] = train_step.make_train_step(config, model, mesh, state_shardings)
+  return _STEP_FUNCTIONS[key]
+
+
+def _inline_eval(step: int, model, params, config, mesh, logger) -> dict[str, float]:
+  from cleanclip_jax import evaluate  # pylint: disable=g-import-not-at-top
+  metrics = evaluate.evaluate(model, params, config.eval, mesh=mesh)
+  logger.write(step, metrics)
+  logging.info('eval @ step %d: %s', step, {k: round(float(v), 4) for k, v in metrics.items()})
+  return metrics
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
+  """Trains `config` in `workdir` (resuming from its checkpoints) and returns the run summary.
+
+  Safe to call several times in one process (the demo runs its stages this way). Raises
+  `config.ConfigError` (bad config, before compiling), `NonFiniteLossError`,
+  `checkpoint.CheckpointSaveError`; a SIGTERM returns early with `summary['preempted'] = True`.
+  """
+  from cleanclip_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  started = time.time()
+  workdir = pathlib.Path(workdir)
+  config = prepare_config(config, jax.device_count())
+  is_main = jax.process_index() == 0
+  if is_main:
+    workdir.mkdir(parents=True, exist_ok=True)
+  pipeline.reset_skip_counts()
+
+  mesh = sharding.make_mesh(config.mesh)
+  model = train_step.model_for_config(config)
+  data_iterator = pipeline.make_train_iterator(config)
+  ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints,
+                                 keep_every_steps=config.keep_every_steps)
+  writer = eval_logger = progress = None
+  try:
+    abstract_state, state_shardings = train_step.abstract_train_state(config, model, mesh)
+    restored = ckpt.restore_latest(abstract_state, data_iterator)
+    if restored is not None:
+      start_step, state = restored
+    else:
+      start_step = 0
+      state, state_shardings = train_step.create_train_state(
+          config, model, mesh, jax.random.PRNGKey(config.seed),
+          init_params=_load_init_params(config, model))
+    total = int(config.total_steps)
+    logging.info('%s step %d of %d on %d devices (mesh %s), %d processes; workdir %s',
+                 'Resuming at' if start_step else 'Starting at', start_step, total,
+                 jax.device_count(), dict(mesh.shape), jax.process_count(), workdir)
+    if start_step < total and is_main and (workdir / 'summary.json').exists():
+      (workdir / 'summary.json').unlink()  # the run is not finished any more (total_steps grew)
+
+    writer = metrics_log.MetricsWriter(workdir, resume_step=start_step)
+    if config.eval.every_steps > 0:
+      from cleanclip_jax import evaluate  # pylint: disable=g-import-not-at-top
+      if is_main:
+        metrics_log.truncate_jsonl(workdir / 'eval' / 'metrics.jsonl', start_step)
+      eval_logger = evaluate.EvalLogger(workdir)
+    throughput = Throughput(config, model)
+    progress = _progress_bar(total, start_step)
+    step_fn = _step_function(config, model, mesh, state_shardings)
+
+    nan_skips, preempted, step, last_metrics = 0, False, start_step, {}
+    last_saved = start_step if restored is not None else None
+    with PreemptionWatch() as preemption:
+      for step in range(start_step + 1, total + 1):
+        batch = sharding.host_batch_to_global(next(data_iterator), mesh)
+        state, metrics = step_fn(state, batch)
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        step_seconds = throughput.tick()
+        nan_skips += int(metrics.get('skipped', 0))
+        loss = metrics['loss']
+        first = step == start_step + 1
+        if first:
+          throughput.window()  # drop the compiling step from the averages
+        if (step % config.log_every_steps == 0 or step == total or first
+            or not math.isfinite(loss)):
+          values = dict(metrics, **throughput.window(), nan_skips=nan_skips)
+          if first:
+            values['compile_seconds'] = step_seconds
+          writer.write(step, values)
+          last_metrics = values
+          if progress.disable and is_main:
+            speed = (f'compiled in {step_seconds:.1f} s' if first
+                     else f'{values["images_per_second"]:.1f} img/s')
+            logging.info('step %d/%d: loss %.4f, lr %.3g, %s', step, total, loss,
+                         metrics.get('learning_rate', float('nan')), speed)
+        progress.update(1)
+        progress.set_postfix(loss=f'{loss:.4f}', refresh=False)
+        if not math.isfinite(loss) and config.on_nan == 'stop':
+          ckpt.wait()
+          raise NonFiniteLossError(
+              f'step {step}: the loss is {loss} (on_nan=stop). The last checkpoint '
+              f'(step {last_saved}) is intact. Lower --config.learning_rate, check the data, or '
+              'use --config.on_nan=skip to skip such updates.')
+
+        if eval_logger is not None and step % config.eval.every_steps == 0:
+          _inline_eval(step, model, state.params, config, mesh, eval_logger)
+          throughput.skip()
+        preempted = preemption.should_stop(step)
+        if step % config.checkpoint_every_steps == 0 or step == total or preempted:
+          ckpt.save(step, state, data_iterator, config)
+          last_saved = step
+          throughput.skip()
+        if preempted:
+          logging.warning('SIGTERM: saved the checkpoint of step %d; exiting (rerun the same '
+                          'command to resume)', step)
+          break
+    ckpt.wait()
+    summary = {
+        'workdir': str(workdir),
+        'start_step': start_step,
+        'steps': step,
+        'total_steps': total,
+        'completed': step >= total and not preempted,
+        'preempted': preempted,
+        'nan_skips': nan_skips,
+        'data_skips': pipeline.skip_counts(),
+        'last_checkpoint_step': last_saved,
+        'final_loss': last_metrics.get('loss'),
+        'final_metrics': last_metrics,
+        'wall_seconds': time.time() - started,
+        'num_devices': jax.device_count(),
+        'num_processes': jax.process_count(),
+    }
+    logging.info('Run summary: %s', json.dumps(summary, default=str))
+    if summary['completed']:
+      _write_json(workdir / 'summary.json', summary)
+    return summary
+  finally:
+    if progress is not None:
+      progress.close()
+    if writer is not None:
+      writer.close()
+    if eval_logger is not None:
+      eval_logger.close()
+    with contextlib.suppress(Exception):  # an error from the save is raised above already
+      ckpt.close()
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _config_key_errors(argv: list[str]) -> list[str]:
+  """Messages for `--config.a.b=...` overrides that name no key of the config file's config."""
+  spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  if spec is None and '--config' in argv[:-1]:
+    spec = argv[argv.index('--config') + 1]
+  if spec is None:
+    return []
+  try:
+    base = config_lib.load_config(spec)
+  except Exception:  # pylint: disable=broad-except
+    return []  # config_flags reports a broken config file itself
+  errors = []
+  for arg in argv:
+    if not arg.startswith('--config.'):
+      continue
+    key = arg[len('--config.'):].split('=', 1)[0]
+    node, parts = base, key.split('.')
+    for depth, part in enumerate(parts):
+      if isinstance(node, ml_collections.ConfigDict) and part in node:
+        node = node[part]
+        continue
+      where = '.'.join(parts[:depth]) or 'the config'
+      known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      close = difflib.get_close_matches(part, known, n=3)
+      hint = f' Did you mean {", ".join(close)}?' if close else ''
+      errors.append(f'--config.{key}: {part!r} is not a key of {where} (keys: {", ".join(known)}).{hint}')
+      break
+  return errors
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  errors = _config_key_errors(argv)
+  if errors:
+    print('Config error:\n  ' + '\n  '.join(errors), file=sys.stderr)
+    sys.exit(2)
+  return flags.FLAGS(argv)
+
+
+def quiet_library_logs() -> None:
+  """Drops orbax's INFO chatter (dozens of lines per checkpoint) from the absl log; warnings stay."""
+  def keep(record) -> bool:
+    return record.levelno >= python_logging.WARNING or '/orbax/' not in record.pathname
+  logging.get_absl_handler().addFilter(keep)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if _CONFIG.value is None or not _WORKDIR.value:
+    raise app.UsageError('give --config=configs/<file>.py[:preset] and --workdir=DIR')
+  quiet_library_logs()
+  distributed.initialize()
+  try:
+    summary = run(_CONFIG.value, _WORKDIR.value)
+  except config_lib.ConfigError as e:
+    logging.error('Config error: %s', e)
+    print(f'Config error: {e}', file=sys.stderr)
+    sys.exit(2)
+  except (NonFiniteLossError, checkpoint.CheckpointSaveError) as e:
+    logging.error('%s', e)
+    print(f'Training stopped: {e}', file=sys.stderr)
+    sys.exit(1)
+  if summary['preempted']:
+    sys.exit(PREEMPTED_EXIT_CODE)
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=_parse_flags)

@@ -1,0 +1,109 @@
+"""checkpoint.py on a small sharded state: save/restore, manifest, listing, params-only restore."""
+
+import json
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from cleanclip_jax import checkpoint, sharding, train_step
+
+
+def make_state(step: int, mesh):
+  """A TrainState whose kernel is split over the 8 devices, like an FSDP-sharded parameter."""
+  kernel = NamedSharding(mesh, P('data', None))
+  params = {'tower': {'kernel': jax.device_put(jnp.full((8, 4), float(step)), kernel)},
+            'logit_scale': jnp.float32(step)}
+  opt_state = optax.adamw(1e-3).init(params)
+  return train_step.TrainState(step=jnp.int32(step), params=params, opt_state=opt_state,
+                               rng=jax.random.PRNGKey(step))
+
+
+def make_iterator():
+  return iter(grain.MapDataset.range(1000).shuffle(seed=3).batch(4).to_iter_dataset())
+
+
+def abstract(state):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+@pytest.fixture(scope='module')
+def mesh():
+  return sharding.make_mesh({'data': -1, 'fsdp': 1})
+
+
+def save_steps(workdir, mesh, steps, keep=3):
+  config = ml_collections.ConfigDict({'seed': 1, 'name': 'test'})
+  iterator = make_iterator()
+  saver = checkpoint.Checkpointer(workdir, keep=keep)
+  batches = {}
+  for step in steps:
+    next(iterator)
+    saver.save(step, make_state(step, mesh), iterator, config)
+    batches[step] = next(make_iterator_after(iterator))
+  saver.close()
+  return batches
+
+
+def make_iterator_after(iterator):
+  """A fresh iterator set to `iterator`'s position (what a restore should reproduce)."""
+  other = make_iterator()
+  other.set_state(iterator.get_state())
+  return other
+
+
+def test_save_restore_roundtrip_with_shardings_and_data_position(tmp_path, mesh):
+  batches = save_steps(tmp_path, mesh, [1, 2, 3])
+  assert checkpoint.committed_steps(tmp_path) == [1, 2, 3]
+  restorer = checkpoint.Checkpointer(tmp_path)
+  iterator = make_iterator()
+  step, state = restorer.restore_latest(abstract(make_state(0, mesh)), iterator)
+  restorer.close()
+  assert step == 3 and int(state.step) == 3
+  np.testing.assert_array_equal(state.params['tower']['kernel'], np.full((8, 4), 3.0))
+  assert state.params['tower']['kernel'].sharding.spec == P('data', None)  # straight onto its sharding
+  np.testing.assert_array_equal(state.rng, jax.random.PRNGKey(3))
+  np.testing.assert_array_equal(next(iterator), batches[3])  # the data stream continues exactly
+
+
+def test_keep_last_n(tmp_path, mesh):
+  save_steps(tmp_path, mesh, [1, 2, 3, 4], keep=2)
+  assert checkpoint.committed_steps(tmp_path) == [3, 4]
+
+
+def test_manifest_covers_every_item_file(tmp_path, mesh):
+  save_steps(tmp_path, mesh, [5])
+  step_dir = tmp_path / 'checkpoints' / '5'
+  manifest = json.loads((step_dir / checkpoint.MANIFEST_NAME).read_text())['files']
+  assert {name.split('/')[0] for name in manifest} == {'state', 'data', 'config'}
+  assert checkpoint.verify(step_dir) == []
+
+
+def test_restore_params_forms_and_config(tmp_path, mesh):
+  save_steps(tmp_path, mesh, [1, 2])
+  newest = checkpoint.restore_params(tmp_path)
+  assert isinstance(newest['tower']['kernel'], np.ndarray)
+  np.testing.assert_array_equal(newest['tower']['kernel'], np.full((8, 4), 2.0))
+  for path in (tmp_path / 'checkpoints', tmp_path / 'checkpoints' / '1'):
+    older = checkpoint.restore_params(path, step=1 if path.name == 'checkpoints' else None)
+    assert float(older['logit_scale']) == 1.0
+  target = abstract(make_state(0, mesh).params)
+  placed = checkpoint.restore_params(tmp_path, abstract_params=target)
+  assert placed['tower']['kernel'].sharding == target['tower']['kernel'].sharding
+  assert checkpoint.load_config(tmp_path).name == 'test'
+  with pytest.raises(checkpoint.NoCheckpointError, match='step 7'):
+    checkpoint.restore_params(tmp_path, step=7)
+  with pytest.raises(checkpoint.NoCheckpointError):
+    checkpoint.restore_params(tmp_path / 'elsewhere')
+
+
+def test_fresh_workdir_has_nothing_to_resume(tmp_path, mesh):
+  restorer = checkpoint.Checkpointer(tmp_path)
+  assert restorer.restore_latest(abstract(make_state(0, mesh)), make_iterator()) is None
+  restorer.close()
+  assert checkpoint.committed_steps(tmp_path) == []

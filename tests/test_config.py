@@ -1,0 +1,99 @@
+"""Config files load and validate; bad configs fail before anything compiles, saying how to fix them."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from cleanclip_jax import config as config_lib
+from cleanclip_jax import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+PRESETS = [
+    'clip_pretrain.py:tiny', 'clip_pretrain.py:tiny,poison=True,trigger=blended',
+    'clip_pretrain.py:rn50_cc3m', 'cleanclip_finetune.py:tiny', 'cleanclip_finetune.py:tiny,objective=clip',
+    'cleanclip_finetune.py:rn50_cc3m', 'supervised_finetune.py:tiny', 'supervised_finetune.py:imagenet',
+]
+
+
+@pytest.mark.parametrize('spec', PRESETS)
+def test_presets_load_and_validate(spec):
+  config = config_lib.load_config(spec)
+  base = config_lib.base_config()
+  # Config files change values, never add keys: every key is overridable from the command line.
+  assert set(config.to_dict()) == set(base.to_dict())
+  if config.data.source == 'synthetic':
+    config_lib.validate(config, 8)
+  else:
+    with pytest.raises(config_lib.ConfigError, match='--config.data.path'):
+      config_lib.validate(config, 8)
+
+
+def test_paper_hyperparameters():
+  pretrain = config_lib.load_config('clip_pretrain.py:rn50_cc3m')
+  assert (pretrain.model.name, pretrain.learning_rate, pretrain.optimizer.weight_decay) == ('RN50', 5e-4, 0.1)
+  assert (pretrain.warmup_steps, pretrain.batch_size, pretrain.total_epochs) == (10_000, 128, 64)
+  finetune = config_lib.load_config('cleanclip_finetune.py:rn50_cc3m')
+  assert finetune.objective.name == 'cleanclip' and finetune.data.inmodal_views
+  assert (finetune.learning_rate, finetune.batch_size, finetune.total_epochs, finetune.warmup_steps) == (
+      1e-5, 64, 10, 50)
+  assert config_lib.load_config('supervised_finetune.py:tiny').objective.name == 'supervised'
+
+
+def test_unknown_preset_and_argument():
+  with pytest.raises(ValueError, match='unknown preset'):
+    config_lib.load_config('clip_pretrain.py:huge')
+  with pytest.raises(KeyError, match='unknown preset argument'):
+    config_lib.load_config('clip_pretrain.py:tiny,poisson=True')
+
+
+def _bad(change):
+  config = config_lib.load_config('clip_pretrain.py:tiny')
+  change(config)
+  return config
+
+
+@pytest.mark.parametrize('change, expected', [
+    (lambda c: setattr(c, 'batch_size', 12), r'batch_size=12 is not divisible .*--config.batch_size'),
+    (lambda c: setattr(c.mesh, 'fsdp', 16), r'needs 16 devices but 8 .*--config.mesh'),
+    (lambda c: setattr(c.data, 'source', 'csv'), r"data.source='csv' needs --config.data.path"),
+    (lambda c: (setattr(c.data, 'source', 'csv'), setattr(c.data, 'path', '/nonexistent/train.csv')),
+     r'/nonexistent/train.csv.* does not exist.*--config.data.path'),
+    (lambda c: setattr(c, 'init_checkpoint', '/nonexistent/run'), r'init_checkpoint=.* does not exist'),
+])
+def test_config_errors_fail_before_compiling(change, expected, tmp_path, monkeypatch):
+  def no_jit(*args, **kwargs):
+    raise AssertionError('something was jit-compiled before the config was checked')
+  monkeypatch.setattr(jax, 'jit', no_jit)
+  with pytest.raises(config_lib.ConfigError, match=expected):
+    train.run(_bad(change), tmp_path / 'run')
+  assert not (tmp_path / 'run' / 'checkpoints').exists()
+
+
+def _cli(*overrides, timeout=120):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  return subprocess.run(
+      [sys.executable, '-m', 'cleanclip_jax.train', '--config', 'configs/clip_pretrain.py:tiny',
+       '--workdir', '/nonexistent-never-created', *overrides],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_unknown_key_names_it_and_suggests():
+  result = _cli('--config.optimizer.weight_decy=0.2', '--config.bach_size=8')
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "'weight_decy' is not a key of optimizer" in result.stderr
+  assert 'Did you mean weight_decay?' in result.stderr
+  assert "'bach_size' is not a key of the config" in result.stderr and 'batch_size' in result.stderr
+
+
+def test_cli_wrong_type_and_bad_batch_fail_fast():
+  result = _cli('--config.batch_size=lots')
+  assert result.returncode != 0
+  assert '--config.batch_size=lots' in result.stderr
+  result = _cli('--config.batch_size=12')  # 8 emulated devices (conftest)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert 'Config error: batch_size=12 is not divisible' in result.stderr
+  assert 'Starting at step' not in result.stderr

@@ -1,0 +1,77 @@
+"""launch/local.py: 2 processes x 4 CPU devices train exactly like 1 process x 8 devices."""
+
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from cleanclip_jax import checkpoint, metrics_log
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+LAUNCHER = str(REPO / 'launch' / 'local.py')
+
+TRAIN_ARGS = ['--config', 'configs/clip_pretrain.py:tiny', '--config.total_steps=4',
+              '--config.checkpoint_every_steps=2', '--config.warmup_steps=1', '--config.batch_size=16',
+              '--config.model.name=demo-vit', '--config.model.context_length=8', '--config.data.synthetic.num_examples=64']
+
+
+def _env(**extra):
+  env = {k: v for k, v in os.environ.items() if not k.startswith('CLEANCLIP_')}
+  env.update(JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1', **extra)
+  return env
+
+
+def _trace(workdir):
+  return [(r['step'], r['loss']) for r in metrics_log.read_jsonl(pathlib.Path(workdir) / 'metrics.jsonl')]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path):
+  single, multi = tmp_path / 'single', tmp_path / 'multi'
+  train = [sys.executable, '-m', 'cleanclip_jax.train']
+  one = subprocess.Popen(train + TRAIN_ARGS + ['--workdir', str(single)], cwd=REPO, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True,
+                         env=_env(XLA_FLAGS='--xla_force_host_platform_device_count=8'))
+  two = subprocess.run([sys.executable, LAUNCHER, '--num_processes', '2', '--devices_per_process', '4',
+                        '--'] + train + TRAIN_ARGS + ['--workdir', str(multi)],
+                       cwd=REPO, capture_output=True, text=True, env=_env(), timeout=600)
+  one_output = one.communicate(timeout=600)[0]
+  assert one.returncode == 0, one_output[-3000:]
+  assert two.returncode == 0, two.stdout[-3000:]
+  assert '[rank 0]' in two.stdout and '[rank 1]' in two.stdout
+  assert 'process 1 of 2, 4 local / 8 global devices' in two.stdout
+
+  # Hosts read interleaved shares of each global batch, so the multi-process batch holds the same
+  # examples in another order: the losses agree to float rounding.
+  expected, actual = _trace(single), _trace(multi)
+  assert [s for s, _ in actual] == [1, 2, 3, 4]
+  np.testing.assert_allclose([l for _, l in actual], [l for _, l in expected], rtol=2e-5)
+  assert checkpoint.committed_steps(multi) == [2, 4]
+  assert sorted(p.name for p in (multi / 'checkpoints' / '4' / 'data').iterdir()
+                if p.suffix == '.json') == ['process_0-of-2.json', 'process_1-of-2.json']
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               checkpoint.restore_params(multi), checkpoint.restore_params(single))
+
+
+def test_launcher_stops_everyone_when_one_rank_fails():
+  script = ('import os, sys, time\n'
+            'rank = int(os.environ["CLEANCLIP_PROCESS_ID"])\n'
+            'print("hello from", rank, os.environ["CLEANCLIP_NUM_PROCESSES"], os.environ["JAX_COORDINATOR_ADDRESS"],'
+            ' os.environ["XLA_FLAGS"], flush=True)\n'
+            'sys.exit(3) if rank == 1 else time.sleep(120)\n')
+  started = time.time()
+  result = subprocess.run([sys.executable, LAUNCHER, '--num_processes', '3', '--devices_per_process', '2',
+                           '--', sys.executable, '-c', script], capture_output=True, text=True,
+                          env=_env(XLA_FLAGS='--xla_force_host_platform_device_count=8'), timeout=120)
+  assert result.returncode == 3
+  assert time.time() - started < 60  # the sleeping ranks were stopped, not waited for
+  for rank in range(3):
+    assert f'[rank {rank}] hello from {rank} 3 127.0.0.1:' in result.stdout
+  assert '--xla_force_host_platform_device_count=2' in result.stdout
+  assert 'count=8' not in result.stdout
+  assert 'rank 1 exited with 3' in result.stdout

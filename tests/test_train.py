@@ -1,0 +1,170 @@
+"""The training loop in-process (8 emulated devices): logging, checkpoints, exact resume, NaN policy."""
+
+import json
+import os
+import shutil
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from cleanclip_jax import checkpoint, metrics_log, train
+from cleanclip_jax import config as config_lib
+
+TOTAL = 6
+
+
+def tiny_config(**changes):
+  """The `tiny` preset shrunk so a run compiles and trains in seconds."""
+  config = config_lib.load_config('clip_pretrain.py:tiny')
+  config.model.name = 'demo-vit'  # the smallest registered CLIP: quick to compile
+  config.model.context_length = 8
+  config.batch_size = 16
+  config.total_steps = TOTAL
+  config.warmup_steps = 2
+  config.checkpoint_every_steps = 2
+  config.log_every_steps = 1
+  config.data.synthetic.num_examples = 64
+  for key, value in changes.items():
+    node = config
+    *parents, leaf = key.split('.')
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
+def losses(workdir):
+  return [(r['step'], r['loss']) for r in metrics_log.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))]
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory):
+  """One uninterrupted run, shared by the tests below."""
+  workdir = tmp_path_factory.mktemp('reference')
+  summary = train.run(tiny_config(), workdir)
+  return workdir, summary
+
+
+def test_run_logs_every_step_and_checkpoints(reference):
+  workdir, summary = reference
+  records = metrics_log.read_jsonl(workdir / 'metrics.jsonl')
+  assert [r['step'] for r in records] == list(range(1, TOTAL + 1))
+  for key in ('loss', 'clip_loss', 'logit_scale', 'grad_norm', 'param_norm', 'learning_rate'):
+    assert all(np.isfinite(r[key]) for r in records), key
+  for key in ('images_per_second', 'step_seconds', 'mfu'):
+    assert all(r[key] > 0 for r in records[1:]), key
+  assert records[0]['learning_rate'] == 0.0 and records[2]['learning_rate'] == pytest.approx(1e-3)
+  assert checkpoint.committed_steps(workdir) == [2, 4, 6]
+  assert any(name.startswith('events.out.tfevents') for name in os.listdir(workdir / 'tensorboard'))
+  stored = json.loads((workdir / 'summary.json').read_text())
+  assert stored['completed'] and stored['steps'] == TOTAL and stored['nan_skips'] == 0
+  assert stored['data_skips'] == {} and stored['wall_seconds'] > 0
+  assert summary['final_loss'] == records[-1]['loss']
+  config = checkpoint.load_config(workdir)
+  assert config.total_steps == TOTAL and config.model.context_length == 8
+
+
+def test_stop_and_resume_matches_uninterrupted_run(reference, tmp_path, monkeypatch):
+  ref_dir, _ = reference
+  workdir = tmp_path / 'resumed'
+  write = metrics_log.MetricsWriter.write
+
+  def write_then_preempt(self, step, values):
+    write(self, step, values)
+    if step == 3:  # a real SIGTERM at step 3, handled by the trainer's signal handler
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(metrics_log.MetricsWriter, 'write', write_then_preempt)
+  first = train.run(tiny_config(), workdir)
+  assert first['preempted'] and not first['completed'] and first['steps'] == 3
+  assert checkpoint.committed_steps(workdir) == [2, 3]
+  assert not (workdir / 'summary.json').exists()
+  monkeypatch.setattr(metrics_log.MetricsWriter, 'write', write)
+
+  second = train.run(tiny_config(), workdir)
+  assert second['completed'] and second['start_step'] == 3
+  assert losses(workdir) == losses(ref_dir)  # one record per step, equal losses
+  resumed = checkpoint.restore_params(workdir)
+  expected = checkpoint.restore_params(ref_dir)
+  jax.tree.map(np.testing.assert_array_equal, resumed, expected)
+
+
+def test_rerun_of_finished_run_resumes_without_training(reference, tmp_path):
+  ref_dir, _ = reference
+  summary = train.run(tiny_config(), ref_dir)
+  assert summary['start_step'] == TOTAL and summary['steps'] == TOTAL and summary['completed']
+  assert [s for s, _ in losses(ref_dir)] == list(range(1, TOTAL + 1))
+
+
+def test_init_checkpoint_seeds_params_with_a_fresh_optimizer(reference, tmp_path):
+  ref_dir, _ = reference
+  summary = train.run(tiny_config(init_checkpoint=str(ref_dir)), tmp_path)
+  assert summary['completed'] and summary['start_step'] == 0
+  first = metrics_log.read_jsonl(tmp_path / 'metrics.jsonl')[0]
+  last_ref = metrics_log.read_jsonl(ref_dir / 'metrics.jsonl')[-1]
+  # Step 1 runs at learning rate 0 (warmup), so its params are exactly the checkpoint's.
+  assert first['learning_rate'] == 0.0
+  assert first['param_norm'] == pytest.approx(last_ref['param_norm'], rel=1e-6)
+  assert first['loss'] != metrics_log.read_jsonl(ref_dir / 'metrics.jsonl')[0]['loss']
+
+
+def _poison_metrics(monkeypatch, step_to_change, **values):
+  """Wraps the (cached, already compiled) step so its metrics at one step carry `values`."""
+  real = train._step_function
+
+  def wrapped(*args):
+    step_fn = real(*args)
+
+    def step(state, batch):
+      state, metrics = step_fn(state, batch)
+      if int(state.step) == step_to_change:
+        metrics = dict(metrics, **values)
+      return state, metrics
+    return step
+  monkeypatch.setattr(train, '_step_function', wrapped)
+
+
+def _resume_from(reference_dir, step, workdir):
+  """A workdir holding the reference run's checkpoint of `step` (so the run skips creating a state)."""
+  shutil.copytree(reference_dir / 'checkpoints' / str(step), workdir / 'checkpoints' / str(step))
+  shutil.copy(reference_dir / 'metrics.jsonl', workdir / 'metrics.jsonl')
+
+
+def test_nan_loss_stops_naming_the_step(reference, tmp_path, monkeypatch):
+  _resume_from(reference[0], 2, tmp_path)
+  _poison_metrics(monkeypatch, 3, loss=float('nan'))
+  with pytest.raises(train.NonFiniteLossError, match=r'step 3: the loss is nan .*checkpoint \(step 2\) is intact'):
+    train.run(tiny_config(), tmp_path)
+  assert checkpoint.committed_steps(tmp_path) == [2]  # nothing saved after the bad step
+  records = metrics_log.read_jsonl(tmp_path / 'metrics.jsonl')
+  assert [r['step'] for r in records] == [1, 2, 3] and records[-1]['loss'] is None
+  assert not (tmp_path / 'summary.json').exists()
+
+
+def test_skipped_updates_are_counted(reference, tmp_path, monkeypatch):
+  _resume_from(reference[0], 2, tmp_path)
+  _poison_metrics(monkeypatch, 4, skipped=1)
+  summary = train.run(tiny_config(), tmp_path)
+  assert summary['completed'] and summary['nan_skips'] == 1
+  assert json.loads((tmp_path / 'summary.json').read_text())['nan_skips'] == 1
+  assert [r['nan_skips'] for r in metrics_log.read_jsonl(tmp_path / 'metrics.jsonl')] == [0, 0, 0, 1, 1, 1]
+
+
+def test_inline_eval_every_n_steps_and_resume_truncation(reference, tmp_path, monkeypatch):
+  from cleanclip_jax import evaluate
+  calls = []
+
+  def fake_evaluate(model, params, eval_cfg, mesh=None, tokenizer=None):
+    calls.append(eval_cfg.target)
+    return {'zeroshot_top1': 0.5, 'asr': 0.25}
+  monkeypatch.setattr(evaluate, 'evaluate', fake_evaluate)
+  _resume_from(reference[0], 2, tmp_path)
+  # A record a killed run left past the checkpoint it will resume from must not survive.
+  (tmp_path / 'eval').mkdir()
+  (tmp_path / 'eval' / 'metrics.jsonl').write_text('{"step": 2, "asr": 0.0}\n{"step": 4, "asr": 9.0}\n')
+  train.run(tiny_config(**{'eval.every_steps': 2, 'eval.target': 'apple'}), tmp_path)
+  records = metrics_log.read_jsonl(tmp_path / 'eval' / 'metrics.jsonl')
+  assert [(r['step'], r['asr']) for r in records] == [(2, 0.0), (4, 0.25), (6, 0.25)]
+  assert calls == ['apple', 'apple']
