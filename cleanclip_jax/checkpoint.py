@@ -45,6 +45,10 @@ class CheckpointSaveError(RuntimeError):
   """A checkpoint could not be written; the message names the step, the cause and the way out."""
 
 
+class CheckpointMismatchError(ValueError):
+  """An intact checkpoint whose structure differs from the run's state (a changed config)."""
+
+
 class NoCheckpointError(FileNotFoundError):
   """No committed, intact checkpoint where one was asked for."""
 
@@ -339,8 +343,13 @@ class Checkpointer:
       try:
         restored = self._manager.restore(step, args=args)
       except Exception as e:  # pylint: disable=broad-except
-        self._reject(step, f'restore failed: {type(e).__name__}: {e}')
-        continue
+        # Every file matched its manifest, so the checkpoint is intact: it does not fit this
+        # run's state (another model or objective in the same workdir). Moving it aside would
+        # discard good work; stop and say so instead.
+        raise CheckpointMismatchError(
+            f'checkpoint {self.root / str(step)} is intact but does not match this run\'s train '
+            f'state ({type(e).__name__}: {e}). Resume with the config that wrote it '
+            f'(stored in its config item), or use a new --workdir.') from e
       logging.info('Resumed from checkpoint %s', self.root / str(step))
       return step, restored['state']
     return None

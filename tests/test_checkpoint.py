@@ -107,3 +107,14 @@ def test_fresh_workdir_has_nothing_to_resume(tmp_path, mesh):
   assert restorer.restore_latest(abstract(make_state(0, mesh)), make_iterator()) is None
   restorer.close()
   assert checkpoint.committed_steps(tmp_path) == []
+
+
+def test_intact_checkpoint_of_another_state_is_an_error_not_quarantined(tmp_path, mesh):
+  save_steps(tmp_path, mesh, [1, 2])
+  other = make_state(0, mesh)
+  other = other.replace(params={**other.params, 'tower': {'kernel': jnp.zeros((8, 6))}})
+  restorer = checkpoint.Checkpointer(tmp_path)
+  with pytest.raises(checkpoint.CheckpointMismatchError, match='does not match'):
+    restorer.restore_latest(abstract(other), make_iterator())
+  restorer.close()
+  assert checkpoint.committed_steps(tmp_path) == [1, 2]  # nothing moved aside
