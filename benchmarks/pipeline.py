@@ -3,14 +3,16 @@
     python benchmarks/pipeline.py                      # image_size 64 (synthetic images as 64 px JPEGs)
     python benchmarks/pipeline.py --image-size 224     # 224 px output from 256 px JPEGs
     python benchmarks/pipeline.py --profile            # + a cProfile of the full path (stderr)
+    python benchmarks/pipeline.py --poison-fraction 1  # worst case: every example poisoned
 
 Single process, no grain workers, so the figures are images/s *per worker* (a grain worker runs
 exactly this code). The data is the synthetic set rendered once and held as JPEG bytes in memory,
 so file-system speed is not measured.
   (a) decode: JPEG decode + bicubic resize of the shorter side + centre crop.
-  (b) pipeline: `pipeline.TrainExample` - (a), then BadNet trigger and poisoned caption on *every*
-      example (the worst case; real runs poison ~0.1-1%), AutoAugment + EDA views, and tokenizing
-      both captions.
+  (b) pipeline: `pipeline.TrainExample` - (a), then BadNet trigger and poisoned caption on the
+      poisoned examples (`--poison-fraction`, default the paper's 1,500 of 3M = 0.05%, which rounds
+      to none of the 256 examples; 1 = every example, the worst case), AutoAugment + EDA views, and
+      tokenizing both captions.
 The last line printed is one JSON object: {"decode_img_per_s", "pipeline_img_per_s", "ratio"}.
 """
 
@@ -20,6 +22,7 @@ import argparse
 import cProfile
 import io
 import json
+import os
 import pstats
 import sys
 import time
@@ -52,13 +55,15 @@ class JpegSource:
 
 
 def _rate(fn, count: int, min_seconds: float) -> float:
-  """Images per second of `fn(i)` over i = 0..count-1, repeated until min_seconds have passed."""
-  done, start = 0, time.perf_counter()
+  """Images per CPU second of this process of `fn(i)` over i = 0..count-1, repeated until
+  `min_seconds` of CPU time have passed. CPU time, not wall time: a grain worker is one process,
+  and on a shared machine wall time mostly measures how often the scheduler runs us."""
+  done, start = 0, time.process_time()
   while True:
     for i in range(count):
       fn(i)
     done += count
-    elapsed = time.perf_counter() - start
+    elapsed = time.process_time() - start
     if elapsed >= min_seconds:
       return done / elapsed
 
@@ -70,6 +75,14 @@ def main(argv=None) -> dict:
                       help='size of the stored JPEGs; default 64 for image_size <= 64, else 256')
   parser.add_argument('--num-examples', type=int, default=256)
   parser.add_argument('--seconds', type=float, default=3.0, help='minimum timing per measurement')
+  parser.add_argument('--poison-fraction', type=float, default=1500 / 3_000_000,
+                      help='fraction of examples poisoned (default: CleanCLIP\'s 1,500 of CC3M\'s 3M)')
+  parser.add_argument('--cold-captions', action='store_true',
+                      help='empty the tokenizer\'s whole-caption cache before every example (a large '
+                           'data set, whose captions do not recur within the cache)')
+  parser.add_argument('--rounds', type=int, default=3,
+                      help='(a) and (b) are timed alternately this many times (best of each), so '
+                           'load changes on a shared machine hit both')
   parser.add_argument('--profile', action='store_true', help='cProfile the full path, top functions to stderr')
   args = parser.parse_args(argv)
   size = args.image_size
@@ -83,21 +96,37 @@ def main(argv=None) -> dict:
   config = config_lib.base_config()
   config.data.image_size = size
   config.data.inmodal_views = True
-  config.data.poison.update(enabled=True, num_poisoned=len(source), trigger=dict(kind='badnet_noise'))
+  num_poisoned = int(round(args.poison_fraction * len(source)))
+  config.data.poison.update(enabled=num_poisoned > 0, num_poisoned=max(1, num_poisoned),
+                            trigger=dict(kind='badnet_noise'))
   plan = pipeline.EpochPlan(len(source), config.seed, False, 0, 1)
+  poisoned = np.linspace(0, len(source) - 1, num_poisoned).round().astype(np.int64)
   example = pipeline.TrainExample(source, plan, config.data, config.seed, config.model.context_length,
-                                  None, config.model.tokenizer, np.arange(len(source)))
+                                  None, config.model.tokenizer, poisoned)
   for i in range(8):  # warm-up: tokenizer vocabulary, EDA synonym table, trigger pattern
     decode_resize(i)
     example(i)
 
-  decode_rate = _rate(decode_resize, len(source), args.seconds)
-  pipeline_rate = _rate(example, len(source), args.seconds)
+  full_example = example
+  if args.cold_captions:
+    text_cache = getattr(example._tokenizer, '_text_cache', {})  # pylint: disable=protected-access
+
+    def full_example(i):
+      text_cache.clear()
+      return example(i)
+
+  decode_rate = pipeline_rate = 0.0
+  for _ in range(max(1, args.rounds)):
+    decode_rate = max(decode_rate, _rate(decode_resize, len(source), args.seconds))
+    pipeline_rate = max(pipeline_rate, _rate(full_example, len(source), args.seconds))
   result = {'decode_img_per_s': round(decode_rate, 1), 'pipeline_img_per_s': round(pipeline_rate, 1),
-            'ratio': round(pipeline_rate / decode_rate, 3)}
-  print(f'image_size {size} (JPEGs stored at {render} px), {len(source)} examples, one process:')
+            'ratio': round(pipeline_rate / decode_rate, 3), 'poisoned': num_poisoned,
+            'image_size': size, 'cold_captions': args.cold_captions,
+            'load_average': round(os.getloadavg()[0], 2)}
+  print(f'image_size {size} (JPEGs stored at {render} px), {len(source)} examples ({num_poisoned} poisoned), '
+        f'one process, per CPU second, best of {args.rounds} alternating rounds, load average {os.getloadavg()[0]:.1f}:')
   print(f'  (a) decode + resize + crop:                      {decode_rate:9.1f} img/s')
-  print(f'  (b) full example (all poisoned, views, tokens):  {pipeline_rate:9.1f} img/s')
+  print(f'  (b) full example (poison, views, both tokens):   {pipeline_rate:9.1f} img/s')
   print(f'  ratio (b)/(a): {pipeline_rate / decode_rate:.3f}')
   if args.profile:
     profiler = cProfile.Profile()

@@ -4,9 +4,13 @@
 
 Runs on the current JAX backend (CPU here, one device) and on the CPU for PyTorch, with the same
 model (`bench-vit`: ViT 64px/8, width 256, 6 layers; text width 256, 6 layers, context 77), the same
-batch, AdamW and gradient clipping in both. Prints the median step time of `--steps` timed steps
-after `--warmup` untimed ones (the first compiles), MFU against the measured f32 2048^2 matmul
-peak, and the sharded-loss memory check: for the dense and the sharded CLIP loss, the per-device
+batch, AdamW and gradient clipping in both. After `--warmup` untimed steps each (the first
+compiles), the JAX CLIP step, the open_clip step, the JAX CleanCLIP step and the f32 2048^2 matmul
+are timed in alternation, `--steps` rounds, so a load change on a shared machine hits all of them;
+each is reported as the median over rounds, in wall time and in process CPU time (CPU time
+discounts the time other processes hold the cores; with 1 thread it is the work itself). MFU =
+analytic FLOPs / step time over the matmul's FLOP/s measured with the same clock. Then the
+sharded-loss memory check: for the dense and the sharded CLIP loss, the per-device
 temp bytes XLA plans for the loss gradient at 4 and 8 emulated CPU devices with a fixed per-device
 batch (each in a subprocess, since the device count is fixed at JAX start-up). Last line: JSON.
 
@@ -36,7 +40,7 @@ def _parse_args(argv=None):
   parser.add_argument('--model', default='bench-vit')
   parser.add_argument('--batch', type=int, default=64)
   parser.add_argument('--threads', type=int, default=2)
-  parser.add_argument('--steps', type=int, default=5, help='timed steps (median reported)')
+  parser.add_argument('--steps', type=int, default=5, help='timed rounds (medians reported)')
   parser.add_argument('--warmup', type=int, default=2, help='untimed steps first (compile, caches)')
   parser.add_argument('--skip-torch', action='store_true')
   parser.add_argument('--skip-memory', action='store_true')
@@ -66,19 +70,24 @@ def _synthetic_batch(batch: int, image_size: int, context: int, seed: int = 0):
           'aug_image': np.flip(images, axis=2).copy(), 'aug_tokens': tokens.copy()}
 
 
-def _time_steps(run_step, warmup: int, steps: int) -> float:
-  for _ in range(warmup):
-    run_step()
-  times = []
-  for _ in range(max(1, steps)):
-    start = time.perf_counter()
-    run_step()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+class Timer:
+  """Wall and process-CPU seconds of each call of `run`, kept per name."""
+
+  def __init__(self):
+    self.wall, self.cpu = {}, {}
+
+  def time(self, name: str, run) -> None:
+    wall, cpu = time.perf_counter(), time.process_time()
+    run()
+    self.wall.setdefault(name, []).append(time.perf_counter() - wall)
+    self.cpu.setdefault(name, []).append(time.process_time() - cpu)
+
+  def median(self, name: str, clock: str) -> float:
+    return statistics.median((self.wall if clock == 'wall' else self.cpu)[name])
 
 
-def bench_jax(args, objective: str) -> float:
-  """Median seconds per step of the jitted step for `objective`."""
+def jax_step_runner(args, objective: str):
+  """A no-argument callable running one jitted step for `objective` (state kept inside)."""
   import jax
   from cleanclip_jax import config as config_lib
   from cleanclip_jax import sharding, train_step
@@ -105,7 +114,22 @@ def bench_jax(args, objective: str) -> float:
   start = time.perf_counter()
   run()
   print(f'jax {objective}: first step (compile + run) {time.perf_counter() - start:.1f}s', flush=True)
-  return _time_steps(run, max(0, args.warmup - 1), args.steps)
+  for _ in range(max(0, args.warmup - 1)):
+    run()
+  return run
+
+
+def matmul_runner(size: int = 2048):
+  """One jitted f32 size x size matmul (the MFU denominator, as `flops.measure_matmul_peak`)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  rng = np.random.default_rng(0)
+  a = jnp.asarray(rng.standard_normal((size, size)), jnp.float32)
+  b = jnp.asarray(rng.standard_normal((size, size)), jnp.float32)
+  matmul = jax.jit(jnp.matmul)
+  matmul(a, b).block_until_ready()
+  return lambda: matmul(a, b).block_until_ready(), 2 * size ** 3
 
 
 def _torch_open_clip():
@@ -118,8 +142,8 @@ def _torch_open_clip():
   return torch, open_clip, lib
 
 
-def bench_torch(args) -> float:
-  """Median seconds per step of open_clip's CLIP with the same architecture, f32, AdamW."""
+def torch_step_runner(args):
+  """A no-argument callable running one open_clip CLIP step (same architecture, f32, AdamW)."""
   from cleanclip_jax import models
   from cleanclip_jax.data.normalize import CLIP_MEAN, CLIP_STD
   torch, open_clip, _lib = _torch_open_clip()
@@ -152,7 +176,10 @@ def bench_torch(args) -> float:
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
-  return _time_steps(run, args.warmup, args.steps)
+  run.keep_alive = _lib  # the op stubs must outlive the model
+  for _ in range(args.warmup):
+    run()
+  return run
 
 
 MEMORY_FORMS = ('dense', 'gather', 'ring')
@@ -212,37 +239,39 @@ def main(argv=None):
   memory = [] if args.skip_memory else run_memory(args)
   print(f'backend {jax.default_backend()}, {args.threads} threads '
         f'(affinity {sorted(os.sched_getaffinity(0))}), batch {args.batch}, model {args.model}', flush=True)
-  peak = flops.measure_matmul_peak()
-  print(f'f32 2048^2 matmul peak: {peak / 1e9:.1f} GFLOP/s', flush=True)
+  runners = {'clip': jax_step_runner(args, 'clip'), 'cleanclip': jax_step_runner(args, 'cleanclip')}
+  if not args.skip_torch:
+    runners['torch'] = torch_step_runner(args)
+  runners['matmul'], matmul_flops = matmul_runner()
+  timer = Timer()
+  for _ in range(max(1, args.steps)):
+    for name, run in runners.items():
+      timer.time(name, run)
 
-  clip_time = bench_jax(args, 'clip')
-  clean_time = bench_jax(args, 'cleanclip')
   cfg = models.get_config(args.model)
   clip_flops = flops.train_flops_per_example(cfg, 'clip', global_batch=args.batch)
-  jax_rate = args.batch / clip_time
-  mfu = flops.mfu(clip_flops, jax_rate, peak)
-  clean_mfu = flops.mfu(flops.train_flops_per_example(cfg, 'cleanclip', global_batch=args.batch),
-                        args.batch / clean_time, peak)
-  print(f'jax clip:      {clip_time * 1e3:.0f} ms/step, {jax_rate:.1f} img/s, '
-        f'{clip_flops / 1e9:.2f} GFLOP/example, MFU {mfu:.3f}')
-  print(f'jax cleanclip: {clean_time * 1e3:.0f} ms/step, {args.batch / clean_time:.1f} examples/s '
-        f'(2 views each), MFU {clean_mfu:.3f}, x{clean_time / clip_time:.2f} the clip step time')
-
-  torch_rate = None
-  if not args.skip_torch:
-    torch_time = bench_torch(args)
-    torch_rate = args.batch / torch_time
-    print(f'open_clip (torch f32): {torch_time * 1e3:.0f} ms/step, {torch_rate:.1f} img/s, '
-          f'MFU {flops.mfu(clip_flops, torch_rate, peak):.3f}')
-    print(f'jax / torch throughput: {jax_rate / torch_rate:.2f}')
-  summary = {
-      'jax_img_per_s': round(jax_rate, 2),
-      'torch_img_per_s': None if torch_rate is None else round(torch_rate, 2),
-      'ratio': None if torch_rate is None else round(jax_rate / torch_rate, 3),
-      'mfu': round(mfu, 4),
-      'cleanclip_over_clip_time': round(clean_time / clip_time, 3),
-      'matmul_peak_gflops': round(peak / 1e9, 1),
-  }
+  clean_flops = flops.train_flops_per_example(cfg, 'cleanclip', global_batch=args.batch)
+  summary = {'threads': args.threads, 'batch': args.batch, 'load_average': round(os.getloadavg()[0], 2)}
+  for clock in ('wall', 'cpu'):
+    peak = matmul_flops / timer.median('matmul', clock)
+    clip_time, clean_time = timer.median('clip', clock), timer.median('cleanclip', clock)
+    rate = args.batch / clip_time
+    print(f'[{clock} time] f32 2048^2 matmul {peak / 1e9:.1f} GFLOP/s')
+    print(f'[{clock} time] jax clip:      {clip_time * 1e3:.0f} ms/step, {rate:.2f} img/s, '
+          f'{clip_flops / 1e9:.2f} GFLOP/example, MFU {flops.mfu(clip_flops, rate, peak):.3f}')
+    print(f'[{clock} time] jax cleanclip: {clean_time * 1e3:.0f} ms/step, MFU '
+          f'{flops.mfu(clean_flops, args.batch / clean_time, peak):.3f}, x{clean_time / clip_time:.2f} the clip step time')
+    row = {'jax_img_per_s': round(rate, 2), 'mfu': round(flops.mfu(clip_flops, rate, peak), 4),
+           'cleanclip_over_clip_time': round(clean_time / clip_time, 3),
+           'matmul_peak_gflops': round(peak / 1e9, 1)}
+    if 'torch' in runners:
+      torch_rate = args.batch / timer.median('torch', clock)
+      print(f'[{clock} time] open_clip (torch f32): {1e3 * args.batch / torch_rate:.0f} ms/step, {torch_rate:.2f} img/s, '
+            f'MFU {flops.mfu(clip_flops, torch_rate, peak):.3f}; jax / torch throughput {rate / torch_rate:.2f}')
+      row.update(torch_img_per_s=round(torch_rate, 2), ratio=round(rate / torch_rate, 3),
+                 torch_mfu=round(flops.mfu(clip_flops, torch_rate, peak), 4))
+    summary[clock] = row
+  print(f'load average {os.getloadavg()}', flush=True)
   if memory:
     for name in MEMORY_FORMS:
       summary[f'{name}_loss_temp_bytes'] = {r['devices']: r[f'{name}_temp_bytes'] for r in memory}

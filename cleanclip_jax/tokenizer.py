@@ -27,6 +27,7 @@ DEFAULT_MERGES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'asset
 _CLIP_NUM_MERGES = 49152 - 256 - 2
 SOT, EOT = '<start_of_text>', '<end_of_text>'
 _CACHE_LIMIT = 200_000
+_TEXT_CACHE_LIMIT = 65_536  # whole captions: ~20 MB per process at most
 _NO_MERGE = float('inf')
 
 
@@ -42,9 +43,17 @@ def bytes_to_unicode() -> dict[int, str]:
   return table
 
 
+def _ftfy_is_identity(text: str) -> bool:
+  # Every ftfy fix acts on non-ASCII characters, control characters (terminal escapes, \r line
+  # breaks) or, for html, on '&'; printable ASCII without '&' comes back unchanged, and ftfy is
+  # ~60% of tokenizing a caption (tests/test_tokenizer.py checks the identity).
+  return text.isascii() and text.isprintable() and '&' not in text
+
+
 def clean(text: str) -> str:
   """ftfy repair, html unescape (twice: captions are often double-escaped), whitespace, lower."""
-  text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+  if not _ftfy_is_identity(text):
+    text = html.unescape(html.unescape(ftfy.fix_text(text)))
   return ' '.join(text.split()).lower()
 
 
@@ -89,6 +98,9 @@ class Tokenizer:
         f'{SOT}|{EOT}' + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
         regex.IGNORECASE)
     self._cache: dict[str, tuple[int, ...]] = {}
+    # Whole captions repeat (poisoned captions come from a few templates, every caption recurs
+    # each epoch), so their ids are cached too.
+    self._text_cache: dict[str, tuple[int, ...]] = {}
 
   def _bpe(self, word: str) -> tuple[int, ...]:
     """Ids of one pre-token (already byte-encoded), merged greedily by rank."""
@@ -117,13 +129,19 @@ class Tokenizer:
 
   def encode(self, text: str) -> list[int]:
     """Ids of a caption without SOT/EOT."""
-    ids = []
-    for piece in self._pattern.findall(clean(text)):
-      if piece in (SOT, EOT):
-        ids.append(self.encoder[piece])
-        continue
-      ids.extend(self._bpe(''.join(self.byte_encoder[b] for b in piece.encode('utf-8'))))
-    return ids
+    ids = self._text_cache.get(text)
+    if ids is None:
+      ids = []
+      for piece in self._pattern.findall(clean(text)):
+        if piece in (SOT, EOT):
+          ids.append(self.encoder[piece])
+          continue
+        ids.extend(self._bpe(''.join(self.byte_encoder[b] for b in piece.encode('utf-8'))))
+      ids = tuple(ids)
+      if len(self._text_cache) >= _TEXT_CACHE_LIMIT:
+        self._text_cache.clear()
+      self._text_cache[text] = ids
+    return list(ids)
 
   def decode(self, ids: Iterable[int]) -> str:
     ids = [int(i) for i in ids if int(i) not in (0, self.sot_id, self.eot_id)]

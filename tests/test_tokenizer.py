@@ -89,3 +89,26 @@ def test_custom_merges_and_trained_bpe(tmp_path):
     f.write('#version\na b\nthree parts here\n')
   with pytest.raises(ValueError, match='bad.txt.gz:3'):
     tokenizer.Tokenizer(bad)
+
+
+def test_ftfy_fast_path_is_exact():
+  # `clean` skips ftfy for printable ASCII without '&'; ftfy must leave every such text unchanged.
+  import ftfy  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  printable = [chr(c) for c in range(32, 127)]
+  texts = [''.join(rng.choice(printable, rng.integers(0, 80))) for _ in range(300)]
+  texts += [c for c in CAPTIONS if c.isascii()] + ['a photo of a dog', "it's 3 o'clock", '<b>bold</b> "x"']
+  for text in texts:
+    if tokenizer._ftfy_is_identity(text):  # pylint: disable=protected-access
+      assert ftfy.fix_text(text) == text, repr(text)
+  assert not tokenizer._ftfy_is_identity('caf\u00e9')  # pylint: disable=protected-access
+  assert not tokenizer._ftfy_is_identity('a &amp; b')  # pylint: disable=protected-access
+  assert not tokenizer._ftfy_is_identity('line\r\nbreak')  # pylint: disable=protected-access
+
+
+def test_repeated_captions_give_the_same_ids():
+  tok = tokenizer.Tokenizer()
+  first = tok(CAPTIONS, 77)
+  again = tok(CAPTIONS, 77)  # served from the caption cache
+  np.testing.assert_array_equal(first, again)
+  np.testing.assert_array_equal(tokenizer.Tokenizer()(CAPTIONS[::-1], 77), first[::-1])

@@ -85,34 +85,58 @@ def _affine(image: Image.Image, matrix: tuple[float, ...]) -> Image.Image:
   return image.transform(image.size, Image.AFFINE, matrix, resample=Image.NEAREST, fillcolor=(0, 0, 0))
 
 
+def _apply_channel_luts(pixels: np.ndarray, make_luts: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+  """Maps each channel through its own 256-entry table, built from the [3, 256] histograms.
+
+  PIL computes the histograms and applies the tables in C for all channels at once, ~2x faster at
+  224 px than numpy's per-channel bincount and fancy indexing (these two operations were
+  AutoAugment's costliest); the tables, hence the pixels, are unchanged.
+  """
+  image = Image.fromarray(pixels)
+  histograms = np.asarray(image.histogram(), np.int64).reshape(3, 256)
+  return np.asarray(image.point(make_luts(histograms).ravel().tolist()), np.uint8)
+
+
+def _solarize(pixels: np.ndarray, threshold: float) -> np.ndarray:
+  # A table lookup: ~3x faster than np.where over the pixels, same values.
+  values = np.arange(256)
+  return np.take(np.where(values >= threshold, 255 - values, values).astype(np.uint8), pixels)
+
+
+def _extremes(histograms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Smallest and largest value present in each channel."""
+  present = histograms > 0
+  return np.argmax(present, axis=1), 255 - np.argmax(present[:, ::-1], axis=1)
+
+
+def _equalize_luts(histograms: np.ndarray) -> np.ndarray:
+  # PIL's ImageOps.equalize table per channel; identity where all but one value is empty.
+  _, last = _extremes(histograms)
+  step = (histograms.sum(axis=1) - histograms[np.arange(3), last]) // 255
+  below = np.cumsum(histograms, axis=1) - histograms
+  luts = (below + step[:, None] // 2) // np.maximum(step, 1)[:, None]
+  return np.where(step[:, None] > 0, np.clip(luts, 0, 255), np.arange(256))
+
+
+def _autocontrast_luts(histograms: np.ndarray) -> np.ndarray:
+  # Stretch [min, max] to [0, 255], truncating (PIL's ImageOps.autocontrast); identity if flat.
+  lo, hi = (v.astype(np.float64)[:, None] for v in _extremes(histograms))
+  scale = np.where(hi > lo, 255 / np.maximum(hi - lo, 1), 1.0)
+  offset = np.where(hi > lo, -lo * scale, 0.0)
+  return np.clip(np.trunc(np.arange(256) * scale + offset), 0, 255).astype(np.int64)
+
+
 def _equalize(pixels: np.ndarray) -> np.ndarray:
-  # PIL's per-channel histogram equalisation, vectorised (ImageOps.equalize builds its tables in
-  # Python, ~10x slower on small images).
-  out = np.empty_like(pixels)
-  for channel in range(pixels.shape[-1]):
-    values = pixels[..., channel]
-    histogram = np.bincount(values.ravel(), minlength=256)
-    step = (histogram.sum() - histogram[np.flatnonzero(histogram)[-1]]) // 255
-    if step == 0:
-      out[..., channel] = values
-      continue
-    lut = (np.concatenate([[0], np.cumsum(histogram)[:-1]]) + step // 2) // step
-    out[..., channel] = np.clip(lut, 0, 255).astype(np.uint8)[values]
-  return out
+  return _apply_channel_luts(pixels, _equalize_luts)
 
 
 def _autocontrast(pixels: np.ndarray) -> np.ndarray:
-  # Per channel, stretch [min, max] to [0, 255] (truncating, as PIL's ImageOps.autocontrast).
-  lo = pixels.min(axis=(0, 1), keepdims=True).astype(np.float64)
-  hi = pixels.max(axis=(0, 1), keepdims=True).astype(np.float64)
-  scale = np.where(hi > lo, 255 / np.maximum(hi - lo, 1), 1.0)
-  offset = np.where(hi > lo, -lo * scale, 0.0)
-  return np.clip(np.trunc(pixels * scale + offset), 0, 255).astype(np.uint8)
+  return _apply_channel_luts(pixels, _autocontrast_luts)
 
 
 _PIXEL_OPS = {
     'Posterize': lambda x, v: x & np.uint8((0xFF << (8 - int(v))) & 0xFF),
-    'Solarize': lambda x, v: np.where(x >= v, 255 - x, x).astype(np.uint8),
+    'Solarize': _solarize,
     'Invert': lambda x, v: 255 - x,
     'AutoContrast': lambda x, v: _autocontrast(x),
     'Equalize': lambda x, v: _equalize(x),
