@@ -1,12 +1,13 @@
 """The poison-then-defend study on the built-in synthetic data, end to end, on a CPU.
 
-  python -m cleanclip_jax.demo --workdir runs/demo --attack badnet
+  python -m cleanclip_jax.demo --workdir runs/demo --attack badnet [--with-clean-baseline]
 
-Stages (each a normal run of the trainer with a config from `configs/`, under `DIR/<stage>/`):
+Stages (each a normal run of the trainer, `train.run`, with a preset of `configs/demo.py`, which
+starts from the `tiny` presets of the real config files; under `DIR/<stage>/`):
   1. data: a poisoned pretraining split, a disjoint clean finetuning split, a labelled test split;
-  2. pretrain a small CLIP on the poisoned split (`clip_pretrain.py:tiny`);
+  2. pretrain a small CLIP on the poisoned split (and, optionally, one without poison);
   3. finetune it on the clean split three ways: MMCL only, CleanCLIP (MMCL + in-modal), supervised;
-  4. evaluate every model: clean zero-shot top-1 and attack success rate on the test split;
+  4. evaluate every model with `evaluate.evaluate`: clean top-1 and attack success rate;
   5. report: `DIR/report.md`, `DIR/report.json`, `DIR/report.png`.
 
 A rerun with the same workdir resumes: finished stages are skipped (the trainer itself resumes a
@@ -18,84 +19,68 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import pathlib
 import sys
 import time
 
 from cleanclip_jax import config as config_lib
 
-# attack name -> (trigger overrides, label-consistent selection)
-ATTACKS = {
-    'badnet': ({'kind': 'badnet_noise', 'location': 'random'}, False),
-    'blended': ({'kind': 'blended', 'alpha': 0.2}, False),
-    'sig': ({'kind': 'sig'}, False),
-    'wanet': ({'kind': 'wanet'}, False),
-    'label_consistent': ({'kind': 'badnet_noise', 'location': 'random'}, True),
+# stage (a preset of configs/demo.py) -> human label, in the order they run
+LABELS = {
+    'pretrain': 'Pretrained (poisoned)',
+    'pretrain_clean': 'Pretrained (no poison)',
+    'finetune_mmcl': 'MMCL finetune',
+    'finetune_cleanclip': 'CleanCLIP finetune',
+    'finetune_supervised': 'Supervised finetune',
 }
-
-# stage name -> (config file, human label)
-FINETUNES = {
-    'finetune_mmcl': ('cleanclip_finetune.py:tiny,objective=clip', 'MMCL finetune'),
-    'finetune_cleanclip': ('cleanclip_finetune.py:tiny', 'CleanCLIP finetune'),
-    'finetune_supervised': ('supervised_finetune.py:tiny', 'Supervised finetune'),
-}
-
-
-def _poison(config, attack: str, target: str, seed: int, enabled: bool):
-  trigger, label_consistent = ATTACKS[attack]
-  poison = config.data.poison
-  poison.enabled = enabled
-  poison.target = target
-  poison.seed = seed
-  poison.label_consistent = label_consistent
-  poison.trigger.seed = seed
-  for key, value in trigger.items():
-    poison.trigger[key] = value
-  # The evaluator stamps exactly the trigger the pipeline stamped.
-  config.eval.trigger = poison.trigger.copy_and_resolve_references()
-  config.eval.target = target
+ATTACKS = ('badnet', 'blended', 'sig', 'wanet', 'label_consistent')
 
 
 def stage_configs(attack: str, target: str, seed: int, fast: bool, clean_baseline: bool):
   """The configs of every stage, in order: [(stage, label, config)]."""
   stages = []
-  pretrain = config_lib.load_config('clip_pretrain.py:tiny')
-  pretrain.seed = seed
-  _poison(pretrain, attack, target, seed, enabled=True)
-  stages.append(('pretrain', 'Pretrained (poisoned)', pretrain))
-  if clean_baseline:
-    clean = config_lib.load_config('clip_pretrain.py:tiny')
-    clean.seed = seed
-    _poison(clean, attack, target, seed, enabled=False)
-    stages.append(('pretrain_clean', 'Pretrained (no poison)', clean))
-  for name, (spec, label) in FINETUNES.items():
-    finetune = config_lib.load_config(spec)
-    finetune.seed = seed
-    _poison(finetune, attack, target, seed, enabled=False)
-    stages.append((name, label, finetune))
-  if fast:
-    for _, _, config in stages:
-      config.total_steps = min(config.total_steps, 4)
-      config.warmup_steps = 1
-      config.checkpoint_every_steps = 2
-      config.data.synthetic.num_examples = min(config.data.synthetic.num_examples, 256)
-      config.eval.num_examples = 64
+  for name, label in LABELS.items():
+    if name == 'pretrain_clean' and not clean_baseline:
+      continue
+    config = config_lib.load_config(
+        f'demo.py:{name},attack={attack},target={target},seed={seed},fast={fast}')
+    stages.append((name, label, config))
   return stages
+
+
+def _check_workdir(root: pathlib.Path, settings: dict) -> None:
+  """Refuses to resume a workdir that holds a study with other settings (it would mix them)."""
+  path = root / 'demo_settings.json'
+  if path.exists():
+    previous = json.loads(path.read_text())
+    if previous != settings:
+      changed = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
+      raise SystemExit(f'{root} holds a study with other settings ({changed}, as (old, new)); '
+                       'use another --workdir or the same settings to resume it')
+  else:
+    path.write_text(json.dumps(settings, indent=1))
 
 
 def _stage_finished(workdir: pathlib.Path) -> bool:
   return (workdir / 'summary.json').exists()
 
 
-def _evaluate_stage(stage_dir: pathlib.Path, config, eval_cfg):
+def _train_seconds(stage_dir: pathlib.Path) -> float:
+  return float(json.loads((stage_dir / 'summary.json').read_text()).get('wall_seconds', 0.0))
+
+
+def _evaluate_stage(stage_dir: pathlib.Path, config):
+  """The evaluator's metrics of the stage's final checkpoint (cached in `demo_eval.json`)."""
   cache = stage_dir / 'demo_eval.json'
   if cache.exists():
     return json.loads(cache.read_text())
   from cleanclip_jax import checkpoint, evaluate, sharding, train_step
-  model = train_step.model_for_config(config)
+  # The stored config is the one the trainer completed (e.g. the supervised head's class count).
+  model = train_step.model_for_config(checkpoint.load_config(str(stage_dir)))
   params = checkpoint.restore_params(str(stage_dir))
   mesh = sharding.make_mesh(config.mesh)
-  metrics = evaluate.evaluate(model, params, eval_cfg, mesh=mesh)
+  metrics = evaluate.evaluate(model, params, config.eval, mesh=mesh)
   metrics = {k: float(v) for k, v in metrics.items()}
   cache.write_text(json.dumps(metrics, indent=1))
   return metrics
@@ -110,25 +95,37 @@ def run(workdir: str, attack: str = 'badnet', target: str = 'banana', seed: int 
                      f'choose one of: {", ".join(synthetic.CLASS_NAMES)}')
   root = pathlib.Path(workdir)
   root.mkdir(parents=True, exist_ok=True)
+  _check_workdir(root, {'attack': attack, 'target': target, 'seed': seed, 'fast': fast})
   stages = stage_configs(attack, target, seed, fast, clean_baseline)
-  eval_cfg = config_lib.load_config('eval.py:tiny').eval
-  eval_cfg.trigger = stages[0][2].eval.trigger
-  eval_cfg.target = target
-  if fast:
-    eval_cfg.num_examples = 64
   rows, started = [], time.time()
   for number, (name, label, config) in enumerate(stages, 1):
     stage_dir = root / name
     if name.startswith('finetune'):
       config.init_checkpoint = str(root / 'pretrain')
-    print(f'[demo {number}/{len(stages)}] {label}: {stage_dir}', flush=True)
-    if not _stage_finished(stage_dir):
-      train.run(config, str(stage_dir))
-    metrics = _evaluate_stage(stage_dir, config, eval_cfg)
-    rows.append({'stage': name, 'label': label, 'clean_top1': metrics['zeroshot_top1'],
-                 'asr': metrics['asr'], 'metrics': metrics})
-    print(f'[demo] {label}: clean top-1 {metrics["zeroshot_top1"]:.3f}, ASR {metrics["asr"]:.3f}',
-          flush=True)
+    stage_started = time.time()
+    trained = not _stage_finished(stage_dir)
+    print(f'[demo {number}/{len(stages)}] {label}: {config.total_steps} steps -> {stage_dir}'
+          + ('' if trained else ' (finished earlier)'), flush=True)
+    if trained:
+      summary = train.run(config, str(stage_dir))
+      if not summary['completed']:  # SIGTERM: the trainer saved a checkpoint; rerun to resume
+        raise SystemExit(f'[demo] {label} stopped at step {summary["steps"]} (checkpoint saved); '
+                         'rerun the same command to resume')
+    metrics = _evaluate_stage(stage_dir, config)
+    # top1/asr come from the model's own classifier: the linear head after supervised
+    # finetuning, zero-shot otherwise (zeroshot_* are always in `metrics` too).
+    rows.append({'stage': name, 'label': label, 'clean_top1': metrics['top1'],
+                 'asr': metrics['asr'],
+                 'classifier': 'head' if metrics.get('used_head') else 'zero-shot',
+                 'steps': int(config.total_steps), 'trained_now': trained,
+                 'seconds': round(time.time() - stage_started, 1),
+                 # training (the trainer's own clock, from the invocation that finished the stage)
+                 # plus evaluation: the stage's cost even when it ran in an earlier invocation.
+                 'stage_seconds': round(_train_seconds(stage_dir) + metrics.get('eval_seconds', 0), 1),
+                 'metrics': metrics})
+    print(f'[demo {number}/{len(stages)}] {label}: clean top-1 {metrics["top1"]:.3f}, '
+          f'ASR {metrics["asr"]:.3f} ({rows[-1]["classifier"]}); stage {rows[-1]["seconds"]:.0f} s, '
+          f'{time.time() - started:.0f} s so far', flush=True)
   pretrain = stages[0][2]
   report = {
       'attack': attack, 'target': target, 'seed': seed, 'fast': fast,
@@ -136,13 +133,19 @@ def run(workdir: str, attack: str = 'badnet', target: str = 'banana', seed: int 
       'settings': {
           'model': pretrain.model.name, 'image_size': pretrain.data.image_size,
           'pretrain_examples': pretrain.data.synthetic.num_examples,
+          'finetune_examples': stages[-1][2].data.synthetic.num_examples,
           'num_poisoned': pretrain.data.poison.num_poisoned,
+          'label_consistent': pretrain.data.poison.label_consistent,
           'trigger': pretrain.data.poison.trigger.to_dict(),
-          'steps': {name: config.total_steps for name, _, config in stages},
-          'eval_examples': eval_cfg.num_examples,
+          'steps': {name: int(config.total_steps) for name, _, config in stages},
+          'learning_rates': {name: config.learning_rate for name, _, config in stages},
+          'inmodal_weight': stages[-2][2].objective.inmodal_weight,
+          'eval_examples': pretrain.eval.num_examples,
       },
       'rows': rows,
       'wall_seconds': round(time.time() - started, 1),
+      'study_seconds': round(sum(row['stage_seconds'] for row in rows), 1),
+      'load_average': [round(x, 2) for x in os.getloadavg()],
   }
   (root / 'report.json').write_text(json.dumps(report, indent=1, default=str))
   (root / 'report.md').write_text(_markdown(report))
@@ -153,18 +156,25 @@ def run(workdir: str, attack: str = 'badnet', target: str = 'banana', seed: int 
 
 def _markdown(report) -> str:
   s = report['settings']
+  kind = 'label-consistent ' if s['label_consistent'] else ''
   lines = [
       f"# Poison-then-defend study: {report['attack']} -> '{report['target']}'", '',
       f"Model {s['model']} at {s['image_size']} px; {s['num_poisoned']} of {s['pretrain_examples']} "
-      f"pretraining pairs poisoned; trigger {s['trigger']['kind']}; seed {report['seed']}; "
-      f"{s['eval_examples']} test images. Steps per stage: {s['steps']}.", '',
-      'ASR = fraction of triggered test images whose true class is not the target that are '
-      'classified as the target.', '',
-      '| stage | clean top-1 | ASR |', '|---|---|---|',
+      f"pretraining pairs poisoned ({kind}trigger {s['trigger']['kind']}); finetuning on "
+      f"{s['finetune_examples']} clean pairs (in-modal weight {s['inmodal_weight']}); seed "
+      f"{report['seed']}; {s['eval_examples']} test images. Steps: {s['steps']}; learning rates: "
+      f"{s['learning_rates']}.", '',
+      'Clean top-1: accuracy on the clean test images. ASR: the fraction of triggered test images '
+      'whose true class is not the target that are classified as the target.', '',
+      '| stage | classifier | clean top-1 | ASR | seconds (train + eval) |', '|---|---|---|---|---|',
   ]
   for row in report['rows']:
-    lines.append(f"| {row['label']} | {100 * row['clean_top1']:.1f}% | {100 * row['asr']:.1f}% |")
-  lines += ['', f"Wall time {report['wall_seconds']} s.", '']
+    lines.append(f"| {row['label']} | {row['classifier']} | {100 * row['clean_top1']:.1f}% | "
+                 f"{100 * row['asr']:.1f}% | {row['stage_seconds']:.0f} |")
+  load = ', '.join(f'{x:.1f}' for x in report['load_average'])
+  lines += ['', f"Study time {report['study_seconds']:.0f} s (sum of the stages); this invocation "
+            f"{report['wall_seconds']:.0f} s wall; load average at the end {load} on "
+            f"{os.cpu_count()} CPUs.", '']
   return '\n'.join(lines)
 
 
@@ -188,14 +198,36 @@ def _plot(report, path):
   plt.close(fig)
 
 
+def _use_compilation_cache(path: pathlib.Path) -> None:
+  """JAX's persistent compilation cache under the workdir, unless the user configured one.
+
+  Stages whose programs are identical (the poisoned and the clean pretraining step; the encoders
+  the evaluator compiles for every CLIP stage) and a resumed study then compile once.
+  """
+  import jax
+  if jax.config.jax_compilation_cache_dir is None:
+    jax.config.update('jax_compilation_cache_dir', str(path))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+
+
+class _ProjectInfoOnly(logging.Filter):
+  """Passes warnings and errors, and INFO records only from this package's own modules."""
+
+  _package = str(pathlib.Path(__file__).resolve().parent)
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or record.pathname.startswith(self._package)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(prog='python -m cleanclip_jax.demo', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--workdir', default='runs/demo')
-  parser.add_argument('--attack', default='badnet', choices=sorted(ATTACKS))
+  parser.add_argument('--attack', default='badnet', choices=ATTACKS)
   parser.add_argument('--target', default='banana')
   parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--with-clean-baseline', action='store_true')
+  parser.add_argument('--with-clean-baseline', action='store_true',
+                      help='also pretrain the same model without poison')
   parser.add_argument('--fast', action='store_true', help='a few steps per stage (smoke test)')
   parser.add_argument('--list-classes', action='store_true')
   args = parser.parse_args(argv)
@@ -203,7 +235,11 @@ def main(argv=None):
     from cleanclip_jax.data import synthetic
     print('\n'.join(synthetic.CLASS_NAMES))
     return 0
+  _use_compilation_cache(pathlib.Path(args.workdir) / 'jax_cache')
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
+  # orbax narrates every save at INFO through absl; keep the trainer's progress lines (its step
+  # log when stderr is not a terminal) and warnings from everything else.
+  logging.getLogger('absl').addFilter(_ProjectInfoOnly())
   run(args.workdir, args.attack, args.target, args.seed, args.fast, args.with_clean_baseline)
   return 0
 

@@ -80,6 +80,12 @@ MODELS['tiny-rn'] = ModelConfig(
 MODELS['bench-vit'] = ModelConfig(
     256, VisionConfig(image_size=64, layers=6, width=256, patch_size=8),
     TextConfig(width=256, heads=4, layers=6))
+# The demo study's model (`configs/demo.py`): a few minutes per stage on 2 CPU cores. 16 patches of
+# 8 px at 32 px (a 3 px BadNet patch falls inside one or two); the synthetic captions are <= 18
+# tokens, so the demo runs it with context length 24.
+MODELS['demo-vit'] = ModelConfig(
+    64, VisionConfig(image_size=32, layers=2, width=64, patch_size=8, head_width=32),
+    TextConfig(width=64, heads=2, layers=2))
 
 
 def list_models() -> list[str]:

@@ -1,0 +1,115 @@
+"""The poison-then-defend study's stages (`python -m cleanclip_jax.demo`), one config per stage.
+
+    python -m cleanclip_jax.demo --workdir /tmp/demo_runs/badnet --attack badnet --with-clean-baseline
+    # One stage by hand, with the same trainer the demo calls:
+    python -m cleanclip_jax.train --config configs/demo.py:pretrain,attack=sig --workdir /tmp/sig/pretrain
+    python -m cleanclip_jax.train --config configs/demo.py:finetune_cleanclip,attack=sig \
+        --workdir /tmp/sig/finetune_cleanclip --config.init_checkpoint=/tmp/sig/pretrain
+
+Each stage starts from the `tiny` preset of its real config file (`clip_pretrain.py`,
+`cleanclip_finetune.py`, `supervised_finetune.py`) and changes only what makes the study fit in a
+few minutes on 2 CPU cores: the `demo-vit` model (patch 8 at 32 px, width 64, 2+2 layers, context
+24), the step counts and learning rates, and the attack's trigger.
+
+Stages (preset names): `pretrain` (poisoned), `pretrain_clean` (the same, no poison),
+`finetune_mmcl` (CLIP loss only), `finetune_cleanclip` (CLIP + in-modal, weights 1:1, as in the
+paper), `finetune_supervised` (linear head + whole image tower, cross-entropy on labels).
+Preset arguments: `attack` (see `ATTACKS`), `target` (a class name), `seed`, `fast` (a few steps,
+for the tests).
+
+Measured (2 shared CPU cores, see docs/readme/demo.md for every attack and the load average):
+  (clean top-1 / ASR in %, 600 test images, chance top-1 8.3%; load average 7-15 on 2 cores)
+  attack            clean baseline  poisoned     MMCL ft      CleanCLIP ft  supervised ft  minutes
+  badnet (6 px)     16.7 / 13.8     13.8 /  4.5  14.8 /  4.7  12.3 / 14.9   14.3 / 0.0     23.9
+  blended           -               15.7 / 88.2  15.7 / 31.5  17.0 /  8.2   15.0 / 0.2     20.4
+  sig               -               14.0 / 19.8  16.5 / 17.3  14.3 / 20.9   15.7 / 0.0     19.9
+  wanet (s=3)       -               17.2 /  3.1  17.2 /  3.5  14.7 /  6.9   15.3 / 0.0     19.3
+  label_consistent  -               15.5 / 12.2  17.2 / 12.5  15.5 / 12.9   15.5 / 0.0     14.3
+Only blended plants a backdoor at this scale, and it shows the paper's ordering (CleanCLIP ASR ~4x
+below MMCL's); zero-shot accuracy stays near chance. See docs/readme/demo.md for the analysis.
+"""
+
+from cleanclip_jax import config as config_lib
+
+BADNET_PATCH = 6 / 32
+
+# attack -> (trigger overrides, label-consistent selection)
+ATTACKS = {
+    # A 6 px noise patch at 32 px (the paper's 16/224 gives 3 px, which this model did not learn
+    # in 1,000 steps: ASR 3%, see docs/readme/demo.md).
+    'badnet': ({'kind': 'badnet_noise', 'location': 'random', 'patch_fraction': BADNET_PATCH}, False),
+    'blended': ({'kind': 'blended', 'alpha': 0.2}, False),
+    'sig': ({'kind': 'sig'}, False),
+    # At the paper's s=0.5 the warp moves pixels by < 1 px at 32 px; s=3 moves them by ~1-4 px.
+    'wanet': ({'kind': 'wanet', 'wanet_s': 3.0}, False),
+    'label_consistent': ({'kind': 'badnet_noise', 'location': 'random',
+                          'patch_fraction': BADNET_PATCH}, True),
+}
+
+# stage -> the real config it starts from
+STAGES = {
+    'pretrain': 'clip_pretrain.py:tiny',
+    'pretrain_clean': 'clip_pretrain.py:tiny',
+    'finetune_mmcl': 'cleanclip_finetune.py:tiny,objective=clip',
+    'finetune_cleanclip': 'cleanclip_finetune.py:tiny',
+    'finetune_supervised': 'supervised_finetune.py:tiny',
+}
+
+MODEL = 'demo-vit'
+CONTEXT_LENGTH = 24  # the synthetic and poisoned captions are at most 18 tokens
+# Every pretraining pair is seen once (1,000 x 64): a tiny CLIP that sees 4,096 pairs 16 times
+# memorises them (its loss on unseen pairs rose above chance) and learns no zero-shot classifier.
+PRETRAIN = dict(total_steps=1000, learning_rate=1e-3, warmup_steps=50, num_examples=64_000,
+                num_poisoned=4_000)
+FINETUNE = dict(total_steps=150, learning_rate=1e-4, warmup_steps=10, num_examples=4_096)
+EVAL_EXAMPLES = 600
+
+
+def _poison(config, attack: str, target: str, seed: int, enabled: bool) -> None:
+  trigger, label_consistent = ATTACKS[attack]
+  poison = config.data.poison
+  poison.enabled = enabled
+  poison.target = target
+  poison.seed = seed
+  poison.label_consistent = label_consistent
+  poison.trigger.seed = seed
+  for key, value in trigger.items():
+    poison.trigger[key] = value
+  # Every stage evaluates the planted backdoor, including the finetunes (which plant nothing).
+  config.eval.trigger = poison.trigger.copy_and_resolve_references()
+  config.eval.target = target
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, preset='pretrain', attack='badnet', target='banana', seed=0,
+                             fast=False)
+  if arg.preset not in STAGES:
+    raise ValueError(f'configs/demo.py: unknown stage {arg.preset!r}; use one of {", ".join(STAGES)}')
+  if arg.attack not in ATTACKS:
+    raise ValueError(f'configs/demo.py: unknown attack {arg.attack!r}; use one of {", ".join(ATTACKS)}')
+  config = config_lib.load_config(STAGES[arg.preset])
+  config.seed = arg.seed
+  config.model.name = MODEL
+  config.model.context_length = CONTEXT_LENGTH
+  schedule = PRETRAIN if arg.preset.startswith('pretrain') else FINETUNE
+  config.total_steps = schedule['total_steps']
+  config.learning_rate = schedule['learning_rate']
+  config.warmup_steps = schedule['warmup_steps']
+  config.data.synthetic.num_examples = schedule['num_examples']
+  config.data.synthetic.seed = arg.seed
+  config.log_every_steps = 10
+  config.checkpoint_every_steps = config.total_steps // 2
+  config.keep_checkpoints = 1
+  config.eval.num_examples = EVAL_EXAMPLES
+  config.eval.linear_probe = False
+  config.eval.retrieval = False
+  config.data.poison.num_poisoned = PRETRAIN['num_poisoned']
+  _poison(config, arg.attack, arg.target, arg.seed, enabled=arg.preset == 'pretrain')
+  if arg.fast:
+    config.total_steps = 2
+    config.warmup_steps = 1
+    config.checkpoint_every_steps = 2
+    config.data.synthetic.num_examples = 256
+    config.data.poison.num_poisoned = 16
+    config.eval.num_examples = 32
+  return config

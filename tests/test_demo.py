@@ -1,0 +1,90 @@
+"""The poison-then-defend study end to end (`--fast`: a few steps per stage), and its resume."""
+
+import json
+import pathlib
+
+import pytest
+
+from cleanclip_jax import config as config_lib
+from cleanclip_jax import demo
+
+STAGES = ['pretrain', 'pretrain_clean', 'finetune_mmcl', 'finetune_cleanclip', 'finetune_supervised']
+# The end-to-end test skips the clean baseline (one stage less to compile); its config is checked below.
+RUN_STAGES = [stage for stage in STAGES if stage != 'pretrain_clean']
+
+
+def _checkpoint_steps(stage_dir: pathlib.Path) -> list[str]:
+  return sorted(p.name for p in (stage_dir / 'checkpoints').iterdir())
+
+
+@pytest.mark.timeout(600)
+def test_fast_study_reports_every_stage_and_resumes(tmp_path, capsys):
+  workdir = tmp_path / 'study'
+  report = demo.run(str(workdir), attack='badnet', target='apple', seed=3, fast=True)
+  on_disk = json.loads((workdir / 'report.json').read_text())
+  assert on_disk['attack'] == 'badnet' and on_disk['target'] == 'apple' and on_disk['seed'] == 3
+  assert on_disk['class_names'][1] == 'apple' and len(on_disk['class_names']) == 12
+  assert [row['stage'] for row in on_disk['rows']] == RUN_STAGES
+  for row in on_disk['rows']:
+    assert set(row) >= {'stage', 'clean_top1', 'asr'}
+    assert 0.0 <= row['clean_top1'] <= 1.0 and 0.0 <= row['asr'] <= 1.0, row
+    assert (workdir / row['stage'] / 'summary.json').exists()
+    assert list((workdir / row['stage'] / 'tensorboard').iterdir()), row['stage']
+  by_stage = {row['stage']: row for row in on_disk['rows']}
+  assert by_stage['finetune_supervised']['classifier'] == 'head'
+  assert by_stage['finetune_cleanclip']['classifier'] == 'zero-shot'
+  assert (workdir / 'report.png').stat().st_size > 1000
+  markdown = (workdir / 'report.md').read_text()
+  for row in on_disk['rows']:
+    assert row['label'] in markdown
+  assert 'badnet' in markdown
+  printed = capsys.readouterr().out
+  assert '[demo 4/4]' in printed
+
+  # A rerun resumes: nothing is trained again, the checkpoints are untouched, same numbers.
+  before = {stage: _checkpoint_steps(workdir / stage) for stage in RUN_STAGES}
+  mtimes = {stage: (workdir / stage / 'summary.json').stat().st_mtime_ns for stage in RUN_STAGES}
+  again = demo.run(str(workdir), attack='badnet', target='apple', seed=3, fast=True)
+  assert not any(row['trained_now'] for row in again['rows'])
+  assert {stage: _checkpoint_steps(workdir / stage) for stage in RUN_STAGES} == before
+  assert {stage: (workdir / stage / 'summary.json').stat().st_mtime_ns for stage in RUN_STAGES} == mtimes
+  assert [(r['clean_top1'], r['asr']) for r in again['rows']] == \
+      [(r['clean_top1'], r['asr']) for r in report['rows']]
+
+  # Other settings in the same workdir are refused rather than mixed in.
+  with pytest.raises(SystemExit, match='other settings'):
+    demo.run(str(workdir), attack='sig', target='apple', seed=3, fast=True)
+
+
+def test_list_classes_and_bad_target(capsys, tmp_path):
+  assert demo.main(['--list-classes']) == 0
+  names = capsys.readouterr().out.split('\n')
+  assert names[:2] == ['banana', 'apple'] and len([n for n in names if n]) == 12
+  with pytest.raises(SystemExit, match='not a class'):
+    demo.run(str(tmp_path / 'x'), target='zebra', fast=True)
+
+
+@pytest.mark.parametrize('attack', demo.ATTACKS)
+def test_stage_configs_plant_and_measure_the_same_trigger(attack):
+  stages = demo.stage_configs(attack, 'banana', 0, fast=False, clean_baseline=True)
+  assert [name for name, _, _ in stages] == STAGES
+  pretrain = stages[0][2]
+  assert pretrain.data.poison.enabled and pretrain.data.poison.num_poisoned > 0
+  assert pretrain.data.poison.label_consistent == (attack == 'label_consistent')
+  for name, _, config in stages:
+    assert config.data.poison.enabled == (name == 'pretrain'), name
+    assert config.eval.trigger.to_dict() == pretrain.data.poison.trigger.to_dict(), name
+    assert config.eval.target == 'banana'
+    assert config.data.synthetic.split == ('pretrain' if name.startswith('pretrain') else 'finetune')
+  by_name = {name: config for name, _, config in stages}
+  assert by_name['finetune_cleanclip'].objective.name == 'cleanclip'
+  assert by_name['finetune_cleanclip'].objective.inmodal_weight == 1.0
+  assert by_name['finetune_mmcl'].objective.name == 'clip'
+  assert by_name['finetune_supervised'].objective.name == 'supervised'
+
+
+def test_demo_config_rejects_unknown_stage_and_attack():
+  with pytest.raises(ValueError, match='unknown stage'):
+    config_lib.load_config('demo.py:pretrian')
+  with pytest.raises(ValueError, match='unknown attack'):
+    config_lib.load_config('demo.py:pretrain,attack=trojan')
