@@ -190,6 +190,38 @@ def base_config() -> ConfigDict:
   return config
 
 
+def use_tiny_synthetic(config: ConfigDict, split: str, num_examples: int) -> ConfigDict:
+  """The CPU-sized setting every config file's `tiny` preset shares: tiny-vit at 32 px on the
+  built-in synthetic data, batch 64, a log line per step, evaluated on 512 test images."""
+  config.model.name = 'tiny-vit'
+  config.model.context_length = 32  # synthetic captions are at most ~18 tokens
+  config.data.source = 'synthetic'
+  config.data.synthetic.split = split
+  config.data.synthetic.num_examples = num_examples
+  config.data.image_size = 32
+  config.batch_size = 64
+  config.log_every_steps = 1
+  config.eval.source = 'synthetic'
+  config.eval.split = 'test'
+  config.eval.num_examples = 512
+  config.eval.batch_size = 128
+  config.eval.image_size = 32
+  return config
+
+
+def use_imagenet_eval(config: ConfigDict) -> ConfigDict:
+  """The paper's evaluation: zero-shot + ASR on all 50,000 ImageNet-1K validation images (TFDS
+  `imagenet2012`, prepared locally), CLIP's 1,000 class names and 80 templates, 224 px."""
+  config.eval.source = 'tfds'
+  config.eval.path = 'imagenet2012'
+  config.eval.split = 'validation'
+  config.eval.classnames = 'imagenet'
+  config.eval.templates = 'imagenet'
+  config.eval.num_examples = 0
+  config.eval.image_size = 224
+  return config
+
+
 def resolve_total_steps(config: ConfigDict, num_examples: int) -> int:
   """The one place epochs become steps."""
   if config.total_epochs and config.total_epochs > 0:

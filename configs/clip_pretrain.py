@@ -45,32 +45,14 @@ def get_config(arg=None):
     config.keep_every_steps = 20_000
     config.data.num_workers = 8
     config.data.poison.num_poisoned = 1_500
-    config.eval.source = 'tfds'
-    config.eval.path = 'imagenet2012'
-    config.eval.split = 'validation'
-    config.eval.classnames = 'imagenet'
-    config.eval.templates = 'imagenet'
-    config.eval.num_examples = 0
-    config.eval.image_size = 224
+    config_lib.use_imagenet_eval(config)
   elif arg.preset == 'tiny':
-    config.model.name = 'tiny-vit'
-    config.model.context_length = 32
-    config.data.source = 'synthetic'
-    config.data.synthetic.split = 'pretrain'
-    config.data.synthetic.num_examples = 4096
-    config.data.image_size = 32
-    config.batch_size = 64
+    config_lib.use_tiny_synthetic(config, 'pretrain', num_examples=4096)
     config.total_steps = 600
     config.learning_rate = 1e-3
     config.warmup_steps = 50
-    config.log_every_steps = 1
     config.checkpoint_every_steps = 200
     config.data.poison.num_poisoned = 128  # ~3% of the pairs: enough for a tiny model to learn it
-    config.eval.source = 'synthetic'
-    config.eval.split = 'test'
-    config.eval.num_examples = 512
-    config.eval.batch_size = 128
-    config.eval.image_size = 32
   else:
     raise ValueError(f'configs/clip_pretrain.py: unknown preset {arg.preset!r}; use rn50_cc3m or tiny')
 

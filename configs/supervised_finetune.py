@@ -42,32 +42,15 @@ def get_config(arg=None):
     config.log_every_steps = 50
     config.checkpoint_every_steps = 1_000
     config.data.num_workers = 8
-    config.eval.source = 'tfds'
-    config.eval.path = 'imagenet2012'
-    config.eval.split = 'validation'
-    config.eval.classnames = 'imagenet'
-    config.eval.templates = 'imagenet'
-    config.eval.num_examples = 0
-    config.eval.image_size = 224
+    config_lib.use_imagenet_eval(config)
   elif arg.preset == 'tiny':
-    config.model.name = 'tiny-vit'
-    config.model.context_length = 32
-    config.data.source = 'synthetic'
-    config.data.synthetic.split = 'finetune'  # labelled: every synthetic example has its class
-    config.data.synthetic.num_examples = 2048
-    config.data.image_size = 32
+    # The finetune split is labelled: every synthetic example has its class.
+    config_lib.use_tiny_synthetic(config, 'finetune', num_examples=2048)
     config.objective.num_classes = 0  # taken from the data set (12 classes)
-    config.batch_size = 64
     config.total_steps = 300
     config.learning_rate = 2e-4
     config.warmup_steps = 20
-    config.log_every_steps = 1
     config.checkpoint_every_steps = 100
-    config.eval.source = 'synthetic'
-    config.eval.split = 'test'
-    config.eval.num_examples = 512
-    config.eval.batch_size = 128
-    config.eval.image_size = 32
   else:
     raise ValueError(f'configs/supervised_finetune.py: unknown preset {arg.preset!r}; use imagenet or tiny')
   return config

@@ -19,12 +19,7 @@ def _config(**changes):
   config.total_steps = 110
   config.optimizer.grad_clip_norm = 0.0
   config.optimizer.weight_decay = 0.0
-  for key, value in changes.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
+  config.update_from_flattened_dict(changes)  # {'optimizer.accum_steps': 2, ...}
   return config
 
 

@@ -26,12 +26,7 @@ def tiny_config(**changes):
   config.checkpoint_every_steps = 2
   config.log_every_steps = 1
   config.data.synthetic.num_examples = 64
-  for key, value in changes.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
+  config.update_from_flattened_dict(changes)  # {'optimizer.accum_steps': 2, ...}
   return config
 
 

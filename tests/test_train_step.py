@@ -28,12 +28,7 @@ def _config(objective='clip', data=4, fsdp=2, **changes):
   config.learning_rate = 1e-3
   config.objective.name = objective
   config.mesh.data, config.mesh.fsdp = data, fsdp
-  for key, value in changes.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
+  config.update_from_flattened_dict(changes)  # {'optimizer.accum_steps': 2, ...}
   return config
 
 
