@@ -24,12 +24,7 @@ def get_config(arg=None):
   config = config_lib.base_config()
   ev = config.eval
   if arg.preset == 'imagenet':
-    ev.source = 'tfds'
-    ev.path = 'imagenet2012'
-    ev.split = 'validation'
-    ev.classnames = 'imagenet'
-    ev.templates = 'imagenet'
-    ev.num_examples = 0  # all 50,000
+    config_lib.use_imagenet_eval(config)  # all 50,000 validation images
     ev.batch_size = 1024
     ev.probe_split = 'train'
     ev.probe_num_examples = 50_000
