@@ -424,7 +424,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
   if errors:
     print('Config error:\n  ' + '\n  '.join(errors), file=sys.stderr)
     sys.exit(2)
-  return flags.FLAGS(argv)
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:  # a value of the wrong type: absl's message names the flag and the value
+    print(f'Config error:\n  {e}', file=sys.stderr)
+    sys.exit(2)
 
 
 def quiet_library_logs() -> None:
