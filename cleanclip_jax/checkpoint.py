@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import functools
 import json
+import os
 import time
 import zlib
 from typing import Any, Iterable
@@ -56,9 +57,15 @@ class NoCheckpointError(FileNotFoundError):
 # ----------------------------------------------------------------------------- paths and listing
 
 
+def _absolute(path_or_workdir: epath.PathLike) -> epath.Path:
+  """orbax refuses relative paths; `--workdir runs/x` means the folder below the current one."""
+  path = epath.Path(path_or_workdir)
+  return path if path.is_absolute() else epath.Path(os.path.abspath(os.fspath(path)))
+
+
 def checkpoint_root(path_or_workdir: epath.PathLike) -> epath.Path:
   """The orbax root for a workdir; accepts the root itself too (a dir named `checkpoints`)."""
-  path = epath.Path(path_or_workdir)
+  path = _absolute(path_or_workdir)
   if path.name == CHECKPOINT_SUBDIR:
     return path
   return path / CHECKPOINT_SUBDIR
@@ -66,7 +73,7 @@ def checkpoint_root(path_or_workdir: epath.PathLike) -> epath.Path:
 
 def _resolve(path_or_workdir: epath.PathLike, step: int | None) -> tuple[epath.Path, int | None]:
   """(root, step) for a workdir, a checkpoints root or one step directory."""
-  path = epath.Path(path_or_workdir)
+  path = _absolute(path_or_workdir)
   if path.name.isdigit() and (path / 'state').exists():
     if step is not None and step != int(path.name):
       raise ValueError(f'{path} is the checkpoint of step {path.name}, not of step {step}')
@@ -256,7 +263,7 @@ class Checkpointer:
   """
 
   def __init__(self, workdir: epath.PathLike, keep: int = 3, keep_every_steps: int = 0):
-    self.workdir = epath.Path(workdir)
+    self.workdir = _absolute(workdir)
     self.root = checkpoint_root(workdir)
     for leftover in uncommitted_dirs(self.root):
       logging.warning('Skipping half-written checkpoint %s (its save was interrupted); '

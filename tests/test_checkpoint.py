@@ -118,3 +118,12 @@ def test_intact_checkpoint_of_another_state_is_an_error_not_quarantined(tmp_path
     restorer.restore_latest(abstract(other), make_iterator())
   restorer.close()
   assert checkpoint.committed_steps(tmp_path) == [1, 2]  # nothing moved aside
+
+
+def test_relative_workdir(tmp_path, mesh, monkeypatch):
+  # `--workdir runs/x` is how the README launches; orbax itself only accepts absolute paths.
+  monkeypatch.chdir(tmp_path)
+  save_steps('runs/x', mesh, [1])
+  assert checkpoint.committed_steps('runs/x') == [1]
+  params = checkpoint.restore_params('runs/x')
+  np.testing.assert_array_equal(params['tower']['kernel'], np.full((8, 4), 1.0))
