@@ -17,7 +17,7 @@ paper), `finetune_supervised` (linear head + whole image tower, cross-entropy on
 Preset arguments: `attack` (see `ATTACKS`), `target` (a class name), `seed`, `fast` (a few steps,
 for the tests).
 
-Measured (2 shared CPU cores, see docs/readme/demo.md for every attack and the load average):
+Measured (2 shared CPU cores, see README, "The study"):
   (clean top-1 / ASR in %, 600 test images, chance top-1 8.3%; load average 7-15 on 2 cores)
   attack            clean baseline  poisoned     MMCL ft      CleanCLIP ft  supervised ft  minutes
   badnet (6 px)     16.7 / 13.8     13.8 /  4.5  14.8 /  4.7  12.3 / 14.9   14.3 / 0.0     23.9
@@ -26,7 +26,7 @@ Measured (2 shared CPU cores, see docs/readme/demo.md for every attack and the l
   wanet (s=3)       -               17.2 /  3.1  17.2 /  3.5  14.7 /  6.9   15.3 / 0.0     19.3
   label_consistent  -               15.5 / 12.2  17.2 / 12.5  15.5 / 12.9   15.5 / 0.0     14.3
 Only blended plants a backdoor at this scale, and it shows the paper's ordering (CleanCLIP ASR ~4x
-below MMCL's); zero-shot accuracy stays near chance. See docs/readme/demo.md for the analysis.
+below MMCL's); zero-shot accuracy stays near chance. See README, "The study", for the analysis.
 """
 
 from cleanclip_jax import config as config_lib
@@ -36,7 +36,7 @@ BADNET_PATCH = 6 / 32
 # attack -> (trigger overrides, label-consistent selection)
 ATTACKS = {
     # A 6 px noise patch at 32 px (the paper's 16/224 gives 3 px, which this model did not learn
-    # in 1,000 steps: ASR 3%, see docs/readme/demo.md).
+    # in 1,000 steps: ASR 3%, see README 'The study').
     'badnet': ({'kind': 'badnet_noise', 'location': 'random', 'patch_fraction': BADNET_PATCH}, False),
     'blended': ({'kind': 'blended', 'alpha': 0.2}, False),
     'sig': ({'kind': 'sig'}, False),
@@ -59,6 +59,8 @@ MODEL = 'demo-vit'
 CONTEXT_LENGTH = 24  # the synthetic and poisoned captions are at most 18 tokens
 # Every pretraining pair is seen once (1,000 x 64): a tiny CLIP that sees 4,096 pairs 16 times
 # memorises them (its loss on unseen pairs rose above chance) and learns no zero-shot classifier.
+# 3,000 steps double clean accuracy but plant a backdoor that no defence removes at this finetuning
+# budget (README, 'The study').
 PRETRAIN = dict(total_steps=1000, learning_rate=1e-3, warmup_steps=50, num_examples=64_000,
                 num_poisoned=4_000)
 FINETUNE = dict(total_steps=150, learning_rate=1e-4, warmup_steps=10, num_examples=4_096)
