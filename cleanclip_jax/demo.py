@@ -75,12 +75,12 @@ def _evaluate_stage(stage_dir: pathlib.Path, config):
   cache = stage_dir / 'demo_eval.json'
   if cache.exists():
     return json.loads(cache.read_text())
-  from cleanclip_jax import checkpoint, evaluate, sharding, train_step
-  # The stored config is the one the trainer completed (e.g. the supervised head's class count).
-  model = train_step.model_for_config(checkpoint.load_config(str(stage_dir)))
-  params = checkpoint.restore_params(str(stage_dir))
-  mesh = sharding.make_mesh(config.mesh)
-  metrics = evaluate.evaluate(model, params, config.eval, mesh=mesh)
+  from cleanclip_jax import checkpoint, evaluate, sharding
+  # The evaluation job's own path: the model comes from the config the trainer stored with the
+  # checkpoint (e.g. the supervised head's class count), the trigger from the stage's config.eval.
+  step = checkpoint.committed_steps(str(stage_dir))[-1]
+  metrics = evaluate.evaluate_checkpoint(str(stage_dir), step, config,
+                                         sharding.make_mesh(config.mesh))
   metrics = {k: float(v) for k, v in metrics.items()}
   cache.write_text(json.dumps(metrics, indent=1))
   return metrics
