@@ -156,6 +156,9 @@ def base_config() -> ConfigDict:
       'name': 'tiny-vit',  # see cleanclip_jax.models.list_models()
       'dtype': 'float32',  # compute dtype; params stay float32
       'remat': False,
+      # The attention kernel: 'xla' (einsums, any backend), 'cudnn' (fused flash attention on
+      # NVIDIA GPUs with bf16/fp16 compute), 'auto' (jax.nn.dot_product_attention picks).
+      'attention': 'xla',
       'context_length': 77,
       'tokenizer': '',  # path to a bpe merges .txt.gz; '' = the copy shipped with the package
   })
@@ -256,6 +259,11 @@ def validate(config: ConfigDict, num_devices: int) -> None:
     raise ConfigError(f'data.source={config.data.source!r} needs --config.data.path=PATH')
   if config.on_nan not in ('stop', 'skip'):
     raise ConfigError(f'on_nan={config.on_nan!r}: use stop or skip')
+  if config.model.attention not in ('xla', 'cudnn', 'auto'):
+    raise ConfigError(f'model.attention={config.model.attention!r}: use xla, cudnn or auto')
+  if config.model.attention == 'cudnn' and config.model.dtype not in ('bfloat16', 'bf16', 'float16', 'fp16'):
+    raise ConfigError(f'model.attention=cudnn needs a 16-bit compute dtype; model.dtype is '
+                      f'{config.model.dtype!r} (--config.model.dtype=bfloat16)')
 
 
 def configs_dir():

@@ -57,7 +57,8 @@ class TrainState:
 def model_for_config(config: ml_collections.ConfigDict) -> nn.Module:
   """The CLIP model of `config.model`, wrapped in an `ImageClassifier` for the supervised objective."""
   clip = models.create_model(config.model.name, dtype=config.model.dtype, remat=config.model.remat,
-                             context_length=config.model.context_length)
+                             context_length=config.model.context_length,
+                             attention=config.model.attention)
   if config.objective.name != 'supervised':
     return clip
   if config.objective.num_classes <= 0:

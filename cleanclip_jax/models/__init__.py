@@ -29,15 +29,17 @@ _DTYPES = {'float32': jnp.float32, 'fp32': jnp.float32, 'bfloat16': jnp.bfloat16
 
 
 def create_model(name: str, dtype: Any = 'float32', remat: bool = False,
-                 context_length: int | None = None, **overrides) -> CLIP:
+                 context_length: int | None = None, attention: str = 'xla', **overrides) -> CLIP:
   """The named CLIP (see `list_models()`); `dtype` is the compute dtype (params stay float32).
 
   `context_length` (None = the config's 77) and `overrides` (`image_size`, `vocab_size`,
-  `embed_dim`, `quick_gelu`, `vision_<field>`, `text_<field>`) change the architecture.
+  `embed_dim`, `quick_gelu`, `vision_<field>`, `text_<field>`) change the architecture;
+  `attention` ('xla' | 'cudnn' | 'auto') picks the attention kernel, not the numbers it computes.
   """
   if context_length is not None:
     overrides['context_length'] = int(context_length)
-  return CLIP(get_config(name, **overrides), dtype=resolve_dtype(dtype), remat=bool(remat))
+  return CLIP(get_config(name, **overrides), dtype=resolve_dtype(dtype), remat=bool(remat),
+              attention=attention)
 
 
 def resolve_dtype(dtype: Any) -> jnp.dtype:

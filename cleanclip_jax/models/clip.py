@@ -31,6 +31,7 @@ class CLIP(nn.Module):
   config: ModelConfig
   dtype: Any = jnp.float32
   remat: bool = False
+  attention: str = 'xla'  # the transformers' attention kernel (see transformer.MultiHeadAttention)
 
   @property
   def image_size(self) -> int:
@@ -57,11 +58,11 @@ class CLIP(nn.Module):
     else:
       self.visual = VisionTransformer(vision.image_size, vision.patch_size, vision.width, vision.layers,
                                       vision.heads, cfg.embed_dim, vision.mlp_ratio, cfg.quick_gelu,
-                                      self.remat, dtype)
+                                      self.remat, dtype, self.attention)
     text = cfg.text
     self.text = TextTransformer(text.context_length, text.vocab_size, text.width, text.layers,
                                 text.heads, cfg.embed_dim, text.mlp_ratio, cfg.quick_gelu,
-                                self.remat, dtype)
+                                self.remat, dtype, self.attention)
     self.logit_scale = self.param(
         'logit_scale', partitioned(nn.initializers.constant(np.log(1 / 0.07)), *()), ())
 

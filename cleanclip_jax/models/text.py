@@ -20,6 +20,7 @@ class TextTransformer(nn.Module):
   quick_gelu: bool = False
   remat: bool = False
   dtype: Dtype = jnp.float32
+  attention: str = 'xla'
 
   @nn.compact
   def __call__(self, tokens):
@@ -34,7 +35,8 @@ class TextTransformer(nn.Module):
                      (self.context_length, self.width))
     x = x + pos[:length]
     x = Transformer(self.layers, self.heads, self.mlp_ratio, self.quick_gelu, causal=True,
-                    remat=self.remat, dtype=self.dtype, name='transformer')(x)
+                    remat=self.remat, dtype=self.dtype, attention=self.attention,
+                    name='transformer')(x)
     x = LayerNorm(name='ln_final')(x)
     # The EOT token has the largest id, so argmax finds it (CLIP's convention).
     eot = jnp.argmax(tokens, axis=-1)

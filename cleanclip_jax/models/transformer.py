@@ -39,6 +39,9 @@ def activation(quick: bool) -> Callable:
   return quick_gelu if quick else gelu
 
 
+ATTENTION_IMPLS = ('xla', 'cudnn', 'auto')
+
+
 def LayerNorm(name: str) -> nn.LayerNorm:  # pylint: disable=invalid-name
   """LayerNorm computed and returned in float32 with torch's epsilon, whatever the compute dtype."""
   return nn.LayerNorm(
@@ -51,12 +54,17 @@ class MultiHeadAttention(nn.Module):
   """Multi-head attention with separate q/k/v projections (kernels [embed, heads, kv]).
 
   `out_features` lets ResNet attention pooling project to the embedding size in the same layer.
+  `attention` picks the kernel: 'xla' spells softmax(q k^T) v out as einsums with a float32
+  softmax (any backend; what the parity tests check); 'cudnn' is cuDNN's fused flash attention
+  (NVIDIA GPUs, bf16/fp16 compute), which never materialises the [heads, q, k] logits; 'auto' lets
+  `jax.nn.dot_product_attention` choose.
   """
   num_heads: int
   out_features: int | None = None
   in_std: float = 0.02
   out_std: float = 0.02
   dtype: Dtype = jnp.float32
+  attention: str = 'xla'
 
   @nn.compact
   def __call__(self, inputs_q, inputs_kv, causal: bool = False):
@@ -71,9 +79,13 @@ class MultiHeadAttention(nn.Module):
           kernel_init=partitioned(normal(self.in_std), 'embed', 'heads', 'kv'),
           bias_init=partitioned(nn.initializers.zeros, 'heads', 'kv'))(inputs)
 
+    if self.attention not in ATTENTION_IMPLS:
+      raise ValueError(f'attention={self.attention!r}: use one of {ATTENTION_IMPLS}')
     q = project('query', inputs_q) * jnp.asarray(head_dim ** -0.5, self.dtype)
     k = project('key', inputs_kv)
     v = project('value', inputs_kv)
+    if self.attention != 'xla':
+      return self._out(self._fused(q, k, v, causal), width)
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
     if causal:
       q_len, k_len = logits.shape[-2:]
@@ -81,6 +93,26 @@ class MultiHeadAttention(nn.Module):
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     context = jnp.einsum('bhqk,bkhd->bqhd', weights, v)
+    return self._out(context, width)
+
+  def _fused(self, q, k, v, causal):
+    # cuDNN's kernel trains only on even sequence lengths (ViT's 197 tokens and the text's 77 are
+    # odd): pad one position and mask it out through the sequence lengths, then drop it.
+    q_len, kv_len = q.shape[1], k.shape[1]
+    pad_q, pad_kv = q_len % 2, kv_len % 2
+    if pad_q or pad_kv:
+      q = jnp.pad(q, ((0, 0), (0, pad_q), (0, 0), (0, 0)))
+      k = jnp.pad(k, ((0, 0), (0, pad_kv), (0, 0), (0, 0)))
+      v = jnp.pad(v, ((0, 0), (0, pad_kv), (0, 0), (0, 0)))
+    batch = q.shape[0]
+    context = jax.nn.dot_product_attention(
+        q, k, v, scale=1.0, is_causal=causal,
+        query_seq_lengths=jnp.full((batch,), q_len, jnp.int32) if pad_q or pad_kv else None,
+        key_value_seq_lengths=jnp.full((batch,), kv_len, jnp.int32) if pad_q or pad_kv else None,
+        implementation=None if self.attention == 'auto' else self.attention)
+    return context[:, :q_len]
+
+  def _out(self, context, width):
     return nn.DenseGeneral(
         self.out_features or width, axis=(-2, -1), dtype=self.dtype, param_dtype=jnp.float32,
         kernel_init=partitioned(normal(self.out_std), 'heads', 'kv', 'embed'),
@@ -114,6 +146,7 @@ class ResidualAttentionBlock(nn.Module):
   causal: bool = False
   num_layers: int = 12  # of the whole stack, for the init scale of the output projections
   dtype: Dtype = jnp.float32
+  attention: str = 'xla'
 
   @nn.compact
   def __call__(self, x):
@@ -122,7 +155,7 @@ class ResidualAttentionBlock(nn.Module):
     proj_std = attn_std * (2 * self.num_layers) ** -0.5
     h = LayerNorm(name='ln_1')(x)
     h = MultiHeadAttention(self.num_heads, in_std=attn_std, out_std=proj_std, dtype=self.dtype,
-                           name='attn')(h, h, causal=self.causal)
+                           attention=self.attention, name='attn')(h, h, causal=self.causal)
     x = x + h.astype(jnp.float32)
     h = LayerNorm(name='ln_2')(x)
     h = MLP(int(width * self.mlp_ratio), self.quick_gelu, fc_std=(2 * width) ** -0.5,
@@ -140,11 +173,12 @@ class Transformer(nn.Module):
   causal: bool = False
   remat: bool = False
   dtype: Dtype = jnp.float32
+  attention: str = 'xla'
 
   @nn.compact
   def __call__(self, x):
     block = nn.remat(ResidualAttentionBlock) if self.remat else ResidualAttentionBlock
     for i in range(self.layers):
       x = block(self.num_heads, self.mlp_ratio, self.quick_gelu, self.causal, self.layers,
-                self.dtype, name=f'resblocks_{i}')(x)
+                self.dtype, self.attention, name=f'resblocks_{i}')(x)
     return x

@@ -20,6 +20,7 @@ class VisionTransformer(nn.Module):
   quick_gelu: bool = False
   remat: bool = False
   dtype: Dtype = jnp.float32
+  attention: str = 'xla'
 
   @nn.compact
   def __call__(self, images):
@@ -39,7 +40,8 @@ class VisionTransformer(nn.Module):
                      (x.shape[1], self.width))
     x = LayerNorm(name='ln_pre')(x + pos)
     x = Transformer(self.layers, self.heads, self.mlp_ratio, self.quick_gelu, causal=False,
-                    remat=self.remat, dtype=self.dtype, name='transformer')(x)
+                    remat=self.remat, dtype=self.dtype, attention=self.attention,
+                    name='transformer')(x)
     x = LayerNorm(name='ln_post')(x[:, 0])
     proj = self.param('proj', partitioned(normal(scale), 'embed', None), (self.width, self.output_dim))
     return jnp.dot(x.astype(self.dtype), proj.astype(self.dtype),
