@@ -76,27 +76,8 @@ def matmul_peak(size: int) -> float:
 def jax_step(args, objective: str, attention: str):
   """(run, sync, first_step_seconds) for the jitted step of `objective` with `attention`."""
   import jax
-  from benchmarks.train_step import _synthetic_batch
-  from cleanclip_jax import config as config_lib
-  from cleanclip_jax import sharding, train_step
-
-  config = config_lib.base_config()
-  config.model.name = args.model
-  config.model.dtype = 'bfloat16'
-  config.model.attention = attention
-  config.batch_size = args.batch
-  config.objective.name = objective
-  config.mesh.data, config.mesh.fsdp = 1, 1
-  config.warmup_steps = 0
-  config_lib.validate(config, 1)
-  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  model = train_step.model_for_config(config)
-  state, shardings = train_step.create_train_state(config, model, mesh, jax.random.PRNGKey(0))
-  step_fn = train_step.make_train_step(config, model, mesh, shardings)
-  batch = _synthetic_batch(args.batch, model.image_size, model.context_length)
-  if objective != 'cleanclip':
-    batch = {k: v for k, v in batch.items() if not k.startswith('aug_')}
-  global_batch = sharding.host_batch_to_global(batch, mesh)
+  from benchmarks.train_step import build_jax_step
+  step_fn, state, global_batch = build_jax_step(args.model, args.batch, objective, 'bfloat16', attention)
   holder = {'state': state, 'metrics': None}
 
   def run():
@@ -126,7 +107,7 @@ def torch_step(args, compile_model: bool = False):
   except Exception as error:  # pylint: disable=broad-except
     print(f'open_clip not importable ({type(error).__name__}: {error}); skipping the reference', flush=True)
     return None
-  from benchmarks.train_step import _synthetic_batch
+  from benchmarks.train_step import _synthetic_batch, open_clip_model
   from cleanclip_jax import models
   from cleanclip_jax.data.normalize import CLIP_MEAN, CLIP_STD
   cfg = models.get_config(args.model)
@@ -134,14 +115,7 @@ def torch_step(args, compile_model: bool = False):
   sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
   torch.backends.cuda.matmul.allow_tf32 = True
   torch.backends.cudnn.allow_tf32 = True
-  model = open_clip.model.CLIP(
-      embed_dim=cfg.embed_dim, quick_gelu=cfg.quick_gelu,
-      vision_cfg=dict(image_size=cfg.vision.image_size, layers=cfg.vision.layers, width=cfg.vision.width,
-                      patch_size=cfg.vision.patch_size, head_width=cfg.vision.head_width,
-                      mlp_ratio=cfg.vision.mlp_ratio),
-      text_cfg=dict(context_length=cfg.text.context_length, vocab_size=cfg.text.vocab_size,
-                    width=cfg.text.width, heads=cfg.text.heads, layers=cfg.text.layers,
-                    mlp_ratio=cfg.text.mlp_ratio)).to(device)
+  model = open_clip_model(open_clip, cfg).to(device)
   model.train()
   forward = torch.compile(model) if compile_model else model
   optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, betas=(0.9, 0.98), eps=1e-6,

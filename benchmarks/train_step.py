@@ -86,26 +86,37 @@ class Timer:
     return statistics.median((self.wall if clock == 'wall' else self.cpu)[name])
 
 
-def jax_step_runner(args, objective: str):
-  """A no-argument callable running one jitted step for `objective` (state kept inside)."""
+def build_jax_step(model_name: str, batch_size: int, objective: str, dtype: str = 'float32',
+                   attention: str = 'xla'):
+  """(step_fn, state, global_batch): the trainer's jitted step on one device, its fresh state and
+  a synthetic batch already on the device (shared with `accelerator_step.py`)."""
   import jax
   from cleanclip_jax import config as config_lib
   from cleanclip_jax import sharding, train_step
 
   config = config_lib.base_config()
-  config.model.name = args.model
-  config.batch_size = args.batch
+  config.model.name = model_name
+  config.model.dtype = dtype
+  config.model.attention = attention
+  config.batch_size = batch_size
   config.objective.name = objective
   config.mesh.data, config.mesh.fsdp = 1, 1
   config.warmup_steps = 0
+  config_lib.validate(config, 1)
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
   model = train_step.model_for_config(config)
   state, shardings = train_step.create_train_state(config, model, mesh, jax.random.PRNGKey(0))
   step_fn = train_step.make_train_step(config, model, mesh, shardings)
-  batch = _synthetic_batch(args.batch, model.image_size, model.context_length)
+  batch = _synthetic_batch(batch_size, model.image_size, model.context_length)
   if objective != 'cleanclip':
     batch = {k: v for k, v in batch.items() if not k.startswith('aug_')}
-  global_batch = sharding.host_batch_to_global(batch, mesh)
+  return step_fn, state, sharding.host_batch_to_global(batch, mesh)
+
+
+def jax_step_runner(args, objective: str):
+  """A no-argument callable running one jitted step for `objective` (state kept inside)."""
+  import jax
+  step_fn, state, global_batch = build_jax_step(args.model, args.batch, objective)
   holder = {'state': state}
 
   def run():
@@ -142,6 +153,18 @@ def _torch_open_clip():
   return torch, open_clip, lib
 
 
+def open_clip_model(open_clip, cfg):
+  """open_clip's CLIP with the architecture of our `ModelConfig` `cfg` (a ViT)."""
+  return open_clip.model.CLIP(
+      embed_dim=cfg.embed_dim, quick_gelu=cfg.quick_gelu,
+      vision_cfg=dict(image_size=cfg.vision.image_size, layers=cfg.vision.layers, width=cfg.vision.width,
+                      patch_size=cfg.vision.patch_size, head_width=cfg.vision.head_width,
+                      mlp_ratio=cfg.vision.mlp_ratio),
+      text_cfg=dict(context_length=cfg.text.context_length, vocab_size=cfg.text.vocab_size,
+                    width=cfg.text.width, heads=cfg.text.heads, layers=cfg.text.layers,
+                    mlp_ratio=cfg.text.mlp_ratio))
+
+
 def torch_step_runner(args):
   """A no-argument callable running one open_clip CLIP step (same architecture, f32, AdamW)."""
   from cleanclip_jax import models
@@ -151,14 +174,7 @@ def torch_step_runner(args):
   cfg = models.get_config(args.model)
   if cfg.vision.is_resnet:
     raise SystemExit('the open_clip comparison is written for ViT models')
-  model = open_clip.model.CLIP(
-      embed_dim=cfg.embed_dim, quick_gelu=cfg.quick_gelu,
-      vision_cfg=dict(image_size=cfg.vision.image_size, layers=cfg.vision.layers, width=cfg.vision.width,
-                      patch_size=cfg.vision.patch_size, head_width=cfg.vision.head_width,
-                      mlp_ratio=cfg.vision.mlp_ratio),
-      text_cfg=dict(context_length=cfg.text.context_length, vocab_size=cfg.text.vocab_size,
-                    width=cfg.text.width, heads=cfg.text.heads, layers=cfg.text.layers,
-                    mlp_ratio=cfg.text.mlp_ratio))
+  model = open_clip_model(open_clip, cfg)
   model.train()
   optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
   loss_fn = open_clip.ClipLoss()

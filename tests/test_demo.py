@@ -1,5 +1,6 @@
 """The poison-then-defend study end to end (`--fast`: a few steps per stage), and its resume."""
 
+import importlib
 import json
 import pathlib
 
@@ -78,7 +79,9 @@ def test_stage_configs_plant_and_measure_the_same_trigger(attack):
     assert config.data.synthetic.split == ('pretrain' if name.startswith('pretrain') else 'finetune')
   by_name = {name: config for name, _, config in stages}
   assert by_name['finetune_cleanclip'].objective.name == 'cleanclip'
-  assert by_name['finetune_cleanclip'].objective.inmodal_weight == 1.0
+  demo_config = importlib.import_module('configs.demo')  # the same file the stages load
+  assert by_name['finetune_cleanclip'].objective.inmodal_weight == demo_config.INMODAL_WEIGHT > 0
+  assert by_name['finetune_cleanclip'].learning_rate == by_name['finetune_mmcl'].learning_rate
   assert by_name['finetune_mmcl'].objective.name == 'clip'
   assert by_name['finetune_supervised'].objective.name == 'supervised'
 
