@@ -156,9 +156,9 @@ def base_config() -> ConfigDict:
       'name': 'tiny-vit',  # see cleanclip_jax.models.list_models()
       'dtype': 'float32',  # compute dtype; params stay float32
       'remat': False,
-      # The attention kernel: 'xla' (einsums, any backend), 'cudnn' (fused flash attention on
-      # NVIDIA GPUs with bf16/fp16 compute), 'auto' (jax.nn.dot_product_attention picks).
-      'attention': 'xla',
+      # The attention kernel: 'auto' (cuDNN flash attention on a GPU with bf16/fp16 compute, the
+      # einsum form elsewhere), 'xla' (the einsum form everywhere), 'cudnn' (always cuDNN).
+      'attention': 'auto',
       'context_length': 77,
       'tokenizer': '',  # path to a bpe merges .txt.gz; '' = the copy shipped with the package
   })

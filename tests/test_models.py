@@ -146,22 +146,37 @@ def test_remat_gives_same_outputs(name, with_grads):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), grads_a, grads_b)
 
 
-def test_fused_attention_form_matches_einsum_form():
-  # 'auto' routes attention through jax.nn.dot_product_attention (XLA's kernel on CPU, cuDNN's
-  # flash attention where available): same parameters, same numbers as the einsum form, causal
-  # text mask included, forward and backward.
+@pytest.mark.parametrize('causal', [False, True])
+def test_fused_attention_matches_einsum_attention(causal):
+  # The `jax.nn.dot_product_attention` path that model.attention=cudnn takes on a GPU, here with
+  # XLA's implementation: odd lengths (padded by one position and masked) and even ones give the
+  # einsum form's values and gradients.
+  from cleanclip_jax.models import transformer
+  for length in (7, 8):
+    keys = jax.random.split(KEY(length), 3)
+    q, k, v = (jax.random.normal(key, (2, length, 3, 8)) for key in keys)
+    probe = jax.random.normal(KEY(9), (2, length, 3, 8))
+
+    def loss(fn, q, k, v):
+      return jnp.sum(fn(q, k, v) * probe)
+    einsum = lambda q, k, v: transformer.einsum_attention(q, k, v, causal, jnp.float32)
+    fused = lambda q, k, v: transformer.fused_attention(q, k, v, causal, 'xla')
+    np.testing.assert_allclose(fused(q, k, v), einsum(q, k, v), atol=1e-6)
+    grads_a = jax.grad(loss, argnums=(1, 2, 3))(einsum, q, k, v)
+    grads_b = jax.grad(loss, argnums=(1, 2, 3))(fused, q, k, v)
+    for a, b in zip(grads_a, grads_b):
+      np.testing.assert_allclose(b, a, atol=1e-5)
+
+
+def test_attention_setting():
+  # 'auto' (the default) is the einsum form off a GPU: the same numbers as 'xla'.
   plain, params, _ = _build('tiny-vit')
-  fused = models.create_model('tiny-vit', attention='auto', **SMALL['tiny-vit'])
+  assert plain.attention == 'auto'
+  explicit = models.create_model('tiny-vit', attention='xla', **SMALL['tiny-vit'])
   images, tokens = _inputs(plain)
-
-  def loss(model, p):
-    img, txt, scale = model.apply({'params': p}, images, tokens)
-    return jnp.sum(jnp.exp(scale) * img @ txt.T * jnp.eye(2))
-
-  grad_fn = jax.jit(jax.value_and_grad(loss, argnums=1), static_argnums=0)
-  (value_a, grads_a), (value_b, grads_b) = grad_fn(plain, params), grad_fn(fused, params)
-  np.testing.assert_allclose(value_a, value_b, rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), grads_a, grads_b)
+  for a, b in zip(jax.jit(plain.apply)({'params': params}, images, tokens),
+                  jax.jit(explicit.apply)({'params': params}, images, tokens)):
+    np.testing.assert_array_equal(a, b)
   with pytest.raises(ValueError, match='attention'):
     models.create_model('tiny-vit', attention='flash').init(KEY(0), images[:1], tokens[:1])
 

@@ -31,7 +31,7 @@ class CLIP(nn.Module):
   config: ModelConfig
   dtype: Any = jnp.float32
   remat: bool = False
-  attention: str = 'xla'  # the transformers' attention kernel (see transformer.MultiHeadAttention)
+  attention: str = 'auto'  # the transformers' attention kernel (see transformer.MultiHeadAttention)
 
   @property
   def image_size(self) -> int:

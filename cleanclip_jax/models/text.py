@@ -20,7 +20,7 @@ class TextTransformer(nn.Module):
   quick_gelu: bool = False
   remat: bool = False
   dtype: Dtype = jnp.float32
-  attention: str = 'xla'
+  attention: str = 'auto'
 
   @nn.compact
   def __call__(self, tokens):
