@@ -259,9 +259,10 @@ def validate(config: ConfigDict, num_devices: int) -> None:
     raise ConfigError(f'data.source={config.data.source!r} needs --config.data.path=PATH')
   if config.on_nan not in ('stop', 'skip'):
     raise ConfigError(f'on_nan={config.on_nan!r}: use stop or skip')
-  if config.model.attention not in ('xla', 'cudnn', 'auto'):
-    raise ConfigError(f'model.attention={config.model.attention!r}: use xla, cudnn or auto')
-  if config.model.attention == 'cudnn' and config.model.dtype not in ('bfloat16', 'bf16', 'float16', 'fp16'):
+  from cleanclip_jax import models  # pylint: disable=import-outside-toplevel (jax, flax)
+  if config.model.attention not in models.ATTENTION_IMPLS:
+    raise ConfigError(f'model.attention={config.model.attention!r}: use one of {models.ATTENTION_IMPLS}')
+  if config.model.attention == 'cudnn' and models.resolve_dtype(config.model.dtype).itemsize != 2:
     raise ConfigError(f'model.attention=cudnn needs a 16-bit compute dtype; model.dtype is '
                       f'{config.model.dtype!r} (--config.model.dtype=bfloat16)')
 

@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cleanclip_jax.models.clip import CLIP, ImageClassifier, l2_normalize
+from cleanclip_jax.models.transformer import ATTENTION_IMPLS
 from cleanclip_jax.models.registry import (MODELS, ModelConfig, TextConfig, VisionConfig, get_config,
                                            list_models)
 
@@ -62,6 +63,6 @@ def logical_specs(variables):
   return nn.get_partition_spec(variables)
 
 
-__all__ = ['CLIP', 'ImageClassifier', 'MODELS', 'ModelConfig', 'TextConfig', 'VisionConfig',
+__all__ = ['ATTENTION_IMPLS', 'CLIP', 'ImageClassifier', 'MODELS', 'ModelConfig', 'TextConfig', 'VisionConfig',
            'LOGICAL_AXES', 'create_model', 'resolve_dtype', 'get_config', 'list_models', 'l2_normalize', 'unbox',
            'logical_specs']
