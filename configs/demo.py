@@ -55,12 +55,16 @@ ATTACKS = {
     'label_consistent': (BADNET, True),
 }
 
+# CleanCLIP's in-modal weight (the paper uses 1:1). Measured on the blended model, 150 steps at
+# 3e-5: weight 1 -> ASR 35.5%, weight 3 -> 5.3% (MMCL alone 81.6%); README, 'The study'.
+INMODAL_WEIGHT = 3.0
+
 # stage -> the real config it starts from
 STAGES = {
     'pretrain': 'clip_pretrain.py:tiny',
     'pretrain_clean': 'clip_pretrain.py:tiny',
     'finetune_mmcl': 'cleanclip_finetune.py:tiny,objective=clip',
-    'finetune_cleanclip': 'cleanclip_finetune.py:tiny',
+    'finetune_cleanclip': f'cleanclip_finetune.py:tiny,inmodal_weight={INMODAL_WEIGHT}',
     'finetune_supervised': 'supervised_finetune.py:tiny',
 }
 
@@ -75,9 +79,6 @@ PRETRAIN = dict(total_steps=1000, learning_rate=1e-3, warmup_steps=50, num_examp
 # Finetuning at lr 3e-5 (33x below pretraining; the paper's ratio is 50x): at 1e-4, MMCL alone
 # already cut the blended ASR from 88% to 31.5%, unlike the paper; at 3e-5 it keeps 81.6%.
 FINETUNE = dict(total_steps=150, learning_rate=3e-5, warmup_steps=10, num_examples=4_096)
-# CleanCLIP's in-modal weight (the paper uses 1:1). Measured on the blended model, 150 steps at
-# 3e-5: weight 1 -> ASR 35.5%, weight 3 -> 5.3% (MMCL alone 81.6%); README, 'The study'.
-INMODAL_WEIGHT = 3.0
 EVAL_EXAMPLES = 600
 
 
@@ -120,8 +121,6 @@ def get_config(arg=None):
   config.eval.linear_probe = False
   config.eval.retrieval = False
   config.data.poison.num_poisoned = PRETRAIN['num_poisoned']
-  if arg.preset == 'finetune_cleanclip':
-    config.objective.inmodal_weight = INMODAL_WEIGHT
   _poison(config, arg.attack, arg.target, arg.seed, enabled=arg.preset == 'pretrain')
   if arg.fast:
     config.total_steps = 2
