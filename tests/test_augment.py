@@ -4,7 +4,7 @@ import types
 
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from cleanclip_jax.data import augment
 from cleanclip_jax.data.synthetic import SyntheticCaptions
@@ -52,6 +52,152 @@ def test_pixel_ops_match_pil():
                                  ('Invert', 0, ImageOps.invert(pil)), ('Posterize', 5, ImageOps.posterize(pil, 5)),
                                  ('Solarize', 100, ImageOps.solarize(pil, 100))):
       np.testing.assert_array_equal(augment.apply_op(image, op, value), np.asarray(reference), err_msg=op)
+
+
+# PIL's own AutoAugment operations (torchvision's definitions), the reference for `apply_op`.
+_PIL_OPS = {
+    'ShearX': lambda im, v: im.transform(im.size, Image.AFFINE, (1, v, 0, 0, 1, 0), resample=Image.NEAREST,
+                                         fillcolor=(0, 0, 0)),
+    'ShearY': lambda im, v: im.transform(im.size, Image.AFFINE, (1, 0, 0, v, 1, 0), resample=Image.NEAREST,
+                                         fillcolor=(0, 0, 0)),
+    'TranslateX': lambda im, v: im.transform(im.size, Image.AFFINE, (1, 0, v, 0, 1, 0), resample=Image.NEAREST,
+                                             fillcolor=(0, 0, 0)),
+    'TranslateY': lambda im, v: im.transform(im.size, Image.AFFINE, (1, 0, 0, 0, 1, v), resample=Image.NEAREST,
+                                             fillcolor=(0, 0, 0)),
+    'Rotate': lambda im, v: im.rotate(v, resample=Image.NEAREST, fillcolor=(0, 0, 0)),
+    'Brightness': lambda im, v: ImageEnhance.Brightness(im).enhance(1 + v),
+    'Color': lambda im, v: ImageEnhance.Color(im).enhance(1 + v),
+    'Contrast': lambda im, v: ImageEnhance.Contrast(im).enhance(1 + v),
+    'Sharpness': lambda im, v: ImageEnhance.Sharpness(im).enhance(1 + v),
+    'Posterize': lambda im, v: ImageOps.posterize(im, int(v)),
+    'Solarize': lambda im, v: ImageOps.solarize(im, v),
+    'Invert': lambda im, v: ImageOps.invert(im),
+    'AutoContrast': lambda im, v: ImageOps.autocontrast(im),
+    'Equalize': lambda im, v: ImageOps.equalize(im),
+}
+# torchvision's signed operations (a random sign per application).
+_SIGNED_OPS = {'ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'Rotate', 'Brightness', 'Color', 'Contrast',
+               'Sharpness'}
+
+
+def _random_images(seed, count, max_side=40):
+  """Images of random size and kind: noise, a few grey levels, a flat channel, gradients, a scene."""
+  rng = np.random.default_rng(seed)
+  images = []
+  for k in range(count):
+    height, width = (int(n) for n in rng.integers(1, max_side, 2))
+    kind = k % 5
+    if kind == 0:
+      image = rng.integers(0, 256, (height, width, 3))
+    elif kind == 1:
+      image = rng.integers(0, rng.integers(1, 8), (height, width, 3)) * rng.integers(1, 40) + rng.integers(0, 30)
+    elif kind == 2:
+      image = rng.integers(0, 256, (height, width, 3))
+      image[..., rng.integers(3)] = rng.integers(256)
+    elif kind == 3:
+      ramp = np.linspace(rng.integers(0, 128), rng.integers(128, 256), width)
+      image = ramp[None, :, None] + rng.normal(0, rng.uniform(0, 20), (height, width, 3))
+    else:
+      image = _image(max(height, 8), seed=int(rng.integers(1000)))
+    images.append(np.clip(image, 0, 255).astype(np.uint8))
+  return images
+
+
+def _magnitudes(op, width, height, rng):
+  """Every bin's magnitude with both signs, plus a few random values."""
+  if op in ('Invert', 'AutoContrast', 'Equalize'):
+    return [0.0]
+  values = [augment.magnitude(op, b, width, height) for b in range(augment.NUM_BINS)]
+  if op in _SIGNED_OPS:
+    values += [-v for v in values]
+  if op == 'Posterize':
+    values += [1.0, 2.0, 3.0]
+  elif op == 'Solarize':
+    values += list(rng.uniform(-10, 270, 4)) + [0.0, 1.0, 255.0, 256.0]
+  elif op in ('Brightness', 'Color', 'Contrast', 'Sharpness'):
+    values += list(rng.uniform(-1.5, 2.5, 6))
+  else:
+    values += list(rng.uniform(-1, 1, 2) * (30 if op == 'Rotate' else 0.5 * max(width, height)))
+  return values
+
+
+@pytest.mark.parametrize('op', sorted(_PIL_OPS))
+def test_every_op_matches_pil_on_random_images(op):
+  rng = np.random.default_rng(len(op))
+  for image in _random_images(len(op), 40):
+    height, width = image.shape[:2]
+    for value in _magnitudes(op, width, height, rng):
+      expected = np.asarray(_PIL_OPS[op](Image.fromarray(image), value))
+      np.testing.assert_array_equal(augment.apply_op(image, op, value), expected, err_msg=f'{op} {value}')
+
+
+def test_contrast_and_brightness_tables_match_pil_for_every_value_and_mean():
+  # Each channel holds all 256 values; the other rows move the mean grey (Contrast's blend constant)
+  # across 0..255. Factors: the policy's, extrapolations beyond [0, 1], and random ones.
+  rng = np.random.default_rng(0)
+  factors = [1 + s * augment.magnitude('Contrast', b, 1, 1) for b in range(augment.NUM_BINS) for s in (1, -1)]
+  factors += [0.0, 1.0, 2.0, -1.0, 3.5] + list(rng.uniform(-2, 4, 20))
+  for fill in range(0, 256, 3):
+    image = np.full((48, 256, 3), fill, np.uint8)
+    image[0] = np.stack([rng.permutation(256) for _ in range(3)], axis=1)
+    pil = Image.fromarray(image)
+    for factor in factors:
+      for op, enhancer in (('Contrast', ImageEnhance.Contrast), ('Brightness', ImageEnhance.Brightness)):
+        np.testing.assert_array_equal(augment.apply_op(image, op, factor - 1),
+                                      np.asarray(enhancer(pil).enhance(factor)), err_msg=f'{op} {factor} {fill}')
+
+
+def test_smooth_matches_pil_filter():
+  images = _random_images(7, 60) + [np.full((9, 7, 3), 255, np.uint8), np.zeros((3, 3, 3), np.uint8)]
+  images += [np.random.default_rng(s).integers(0, 256, (h, w, 3)).astype(np.uint8)
+             for s, (h, w) in enumerate([(1, 1), (1, 5), (2, 9), (3, 2), (4, 3), (224, 224)])]
+  checker = (np.indices((30, 30)).sum(axis=0) % 2 * 255).astype(np.uint8)
+  images.append(np.stack([checker, 255 - checker, checker], axis=-1))
+  for image in images:
+    expected = np.asarray(Image.fromarray(image).filter(ImageFilter.SMOOTH))
+    np.testing.assert_array_equal(augment._smooth(image), expected, err_msg=str(image.shape))
+
+
+def _pil_autoaugment(image, rng, policy=augment.IMAGENET_POLICY):
+  """AutoAugment written directly with PIL's operations, drawing from `rng` as `autoaugment` does."""
+  sub_policy = policy[int(rng.integers(len(policy)))]
+  draws, signs = rng.random(len(sub_policy)), rng.random(len(sub_policy)) < 0.5
+  pil = Image.fromarray(image)
+  for (op, probability, bin_index), draw, negate in zip(sub_policy, draws, signs):
+    if draw < probability:
+      value = augment.magnitude(op, bin_index, image.shape[1], image.shape[0])
+      pil = _PIL_OPS[op](pil, -value if op in _SIGNED_OPS and negate else value)
+  return np.asarray(pil)
+
+
+@pytest.mark.parametrize('index', range(len(augment.IMAGENET_POLICY)))
+def test_autoaugment_matches_pil_for_every_sub_policy(index):
+  # Covers the merged tables (e.g. Equalize then Equalize, Solarize then AutoContrast), the
+  # numpy/PIL hand-overs, and the `pil_image` start.
+  policy = (augment.IMAGENET_POLICY[index],)
+  for k, image in enumerate(_random_images(100 + index, 10, max_side=48)):
+    for seed in range(8):
+      expected = _pil_autoaugment(image, np.random.default_rng([index, k, seed]), policy)
+      got = augment.autoaugment(image, np.random.default_rng([index, k, seed]), policy)
+      np.testing.assert_array_equal(got, expected, err_msg=f'{policy} image {k} seed {seed}')
+      got = augment.autoaugment(image, np.random.default_rng([index, k, seed]), policy,
+                                pil_image=Image.fromarray(image))
+      np.testing.assert_array_equal(got, expected, err_msg=f'{policy} image {k} seed {seed}, pil_image')
+
+
+def test_autoaugment_matches_pil_on_a_224_px_scene():
+  image = _image(224, seed=5)
+  for seed in range(60):
+    np.testing.assert_array_equal(augment.autoaugment(image, np.random.default_rng(seed)),
+                                  _pil_autoaugment(image, np.random.default_rng(seed)), err_msg=str(seed))
+
+
+def test_autoaugment_rejects_a_pil_image_of_other_pixels():
+  image = _image()
+  with pytest.raises(ValueError, match='pil_image'):
+    augment.autoaugment(image, np.random.default_rng(0), pil_image=Image.fromarray(image[:16]))
+  with pytest.raises(ValueError, match='pil_image'):
+    augment.autoaugment(image, np.random.default_rng(0), pil_image=Image.fromarray(image).convert('L'))
 
 
 def test_random_resized_crop():

@@ -11,7 +11,7 @@ from PIL import Image
 
 from cleanclip_jax import config as config_lib
 from cleanclip_jax import tokenizer as tokenizer_lib
-from cleanclip_jax.data import pipeline, poison, synthetic
+from cleanclip_jax.data import augment, pipeline, poison, synthetic
 
 SIZE = 16
 CONTEXT = 12
@@ -77,6 +77,30 @@ def test_inmodal_views_and_random_resized_crop_are_seeded():
   config.seed += 1
   other = next(_iterator(config))
   assert not np.array_equal(other['image'], batch['image'])
+
+
+def test_generator_is_default_rng():
+  for entropy in ([3, 0, 17, 2], [0, 0, 0, 0], [2**32 - 1, 5, 2**31, 1], [3, 2**32, 7, 2], [2**40 + 3, 1, 2, 3]):
+    np.testing.assert_array_equal(pipeline._generator(entropy).integers(0, 2**62, 8),
+                                  np.random.default_rng(entropy).integers(0, 2**62, 8), err_msg=str(entropy))
+
+
+def test_inmodal_view_from_the_resized_pil_image_is_unchanged():
+  # Source images larger than image_size are resized, and AutoAugment starts from the resize's PIL
+  # image: the views must be those of `autoaugment` on the array with the stage's own generator.
+  config = _config(inmodal_views=True, image_size=32)
+  source = synthetic.SyntheticCaptions(40, image_size=44, split='pretrain', seed=0)
+  plan = pipeline.EpochPlan(len(source), config.seed, True, 0, 1)
+  example = pipeline.TrainExample(source, plan, config.data, config.seed, CONTEXT, None, '', np.zeros(0, np.int64))
+  changed = 0
+  for step in range(60):
+    out = example(step)
+    epoch, index = plan(step)
+    assert out['image'].shape == (32, 32, 3)
+    expected = augment.autoaugment(np.array(out['image']), np.random.default_rng([config.seed, epoch, index, 2]))
+    np.testing.assert_array_equal(out['aug_image'], expected, err_msg=str(step))
+    changed += not np.array_equal(out['aug_image'], out['image'])
+  assert changed > 30
 
 
 def test_epochs_are_permutations_reshuffled_each_epoch():

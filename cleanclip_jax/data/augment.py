@@ -20,7 +20,7 @@ import sys
 from typing import Callable, Sequence
 
 import numpy as np
-from PIL import Image, ImageEnhance
+from PIL import Image, ImageFilter
 
 # --- AutoAugment (Cubuk et al., 2019) --------------------------------------------------------------
 
@@ -85,22 +85,14 @@ def _affine(image: Image.Image, matrix: tuple[float, ...]) -> Image.Image:
   return image.transform(image.size, Image.AFFINE, matrix, resample=Image.NEAREST, fillcolor=(0, 0, 0))
 
 
-def _apply_channel_luts(pixels: np.ndarray, make_luts: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-  """Maps each channel through its own 256-entry table, built from the [3, 256] histograms.
+# Equalize, AutoContrast, Solarize, Posterize, Invert, Brightness and Contrast all map each channel
+# value through a 256-entry table ([3, 256] when the channels differ). The tables below are PIL's
+# (`ImageOps`, `ImageEnhance`); tests compare them with PIL on random images and magnitudes.
 
-  PIL computes the histograms and applies the tables in C for all channels at once, ~2x faster at
-  224 px than numpy's per-channel bincount and fancy indexing (these two operations were
-  AutoAugment's costliest); the tables, hence the pixels, are unchanged.
-  """
-  image = Image.fromarray(pixels)
-  histograms = np.asarray(image.histogram(), np.int64).reshape(3, 256)
-  return np.asarray(image.point(make_luts(histograms).ravel().tolist()), np.uint8)
-
-
-def _solarize(pixels: np.ndarray, threshold: float) -> np.ndarray:
-  # A table lookup: ~3x faster than np.where over the pixels, same values.
-  values = np.arange(256)
-  return np.take(np.where(values >= threshold, 255 - values, values).astype(np.uint8), pixels)
+_VALUES = np.arange(256)
+_CHANNELS = np.arange(3)[:, None]
+_CHANNEL_OFFSETS = 256 * _CHANNELS
+_RAMP = Image.frombytes('L', (256, 1), bytes(range(256)))
 
 
 def _extremes(histograms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -110,12 +102,17 @@ def _extremes(histograms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _equalize_luts(histograms: np.ndarray) -> np.ndarray:
-  # PIL's ImageOps.equalize table per channel; identity where all but one value is empty.
-  _, last = _extremes(histograms)
-  step = (histograms.sum(axis=1) - histograms[np.arange(3), last]) // 255
-  below = np.cumsum(histograms, axis=1) - histograms
-  luts = (below + step[:, None] // 2) // np.maximum(step, 1)[:, None]
-  return np.where(step[:, None] > 0, np.clip(luts, 0, 255), np.arange(256))
+  """PIL's ImageOps.equalize table per channel: the count of pixels below each value, divided by
+  `step`, 1/255 of the count below the largest value present; identity where `step` is 0."""
+  below = histograms.cumsum(axis=1)
+  below -= histograms
+  step = (below * (histograms > 0)).max(axis=1) // 255
+  steps = step[:, None]
+  luts = (below + steps // 2) // np.maximum(steps, 1)
+  np.minimum(luts, 255, out=luts)
+  if not step.all():
+    luts[step == 0] = _VALUES
+  return luts
 
 
 def _autocontrast_luts(histograms: np.ndarray) -> np.ndarray:
@@ -123,52 +120,192 @@ def _autocontrast_luts(histograms: np.ndarray) -> np.ndarray:
   lo, hi = (v.astype(np.float64)[:, None] for v in _extremes(histograms))
   scale = np.where(hi > lo, 255 / np.maximum(hi - lo, 1), 1.0)
   offset = np.where(hi > lo, -lo * scale, 0.0)
-  return np.clip(np.trunc(np.arange(256) * scale + offset), 0, 255).astype(np.int64)
+  return np.clip(np.trunc(_VALUES * scale + offset), 0, 255).astype(np.int64)
 
 
-def _equalize(pixels: np.ndarray) -> np.ndarray:
-  return _apply_channel_luts(pixels, _equalize_luts)
+def _solarize_lut(threshold: float) -> np.ndarray:
+  return np.where(_VALUES >= threshold, 255 - _VALUES, _VALUES)
 
 
-def _autocontrast(pixels: np.ndarray) -> np.ndarray:
-  return _apply_channel_luts(pixels, _autocontrast_luts)
+def _posterize_lut(bits: float) -> np.ndarray:
+  return _VALUES & ((0xFF << (8 - int(bits))) & 0xFF)
 
 
-_PIXEL_OPS = {
+@functools.lru_cache(maxsize=1024)
+def _blend_lut(constant: int, factor: float) -> np.ndarray:
+  """`Image.blend(an image of value constant, image, factor)` as a table of the image's value.
+
+  ImageEnhance.Brightness (constant 0) and Contrast (constant: the mean grey) blend with a constant
+  image, so each output value depends on the input value alone. The table is made by PIL's own
+  blend of a 0..255 ramp, so its arithmetic (float32, truncated, clipped) is PIL's exactly.
+  """
+  blended = Image.blend(Image.new('L', (256, 1), constant), _RAMP, factor)
+  table = np.frombuffer(blended.tobytes(), np.uint8).astype(np.int64)
+  table.flags.writeable = False
+  return table
+
+
+def _mean_grey(image: Image.Image) -> int:
+  # ImageEnhance.Contrast's mean: of the 'L' conversion, from its histogram, rounded half up.
+  histogram = np.asarray(image.convert('L').histogram(), np.int64)
+  count = int(histogram.sum())
+  return int(int(histogram @ _VALUES) / count + 0.5) if count else 0
+
+
+def _color(image: Image.Image, factor: float) -> Image.Image:
+  # ImageEnhance.Color(image).enhance(factor) for an RGB image: a blend with its grey version,
+  # built by merging the 'L' channel three times (the same pixels as .convert('RGB'), 2x faster).
+  grey = image.convert('L')
+  return Image.blend(Image.merge('RGB', (grey, grey, grey)), image, factor)
+
+
+def _smooth(pixels: np.ndarray) -> np.ndarray:
+  """PIL's ImageFilter.SMOOTH (kernel 1 1 1 / 1 5 1 / 1 1 1, divided by 13; border pixels kept).
+
+  PIL sums the float32 products plus 0.5 and truncates: round-half-up of S / 13 for the integer
+  sum S. Its float error (< 1e-3) is far below the 1/26 that separates S / 13 + 0.5 from the
+  nearest integer, so the integer (2 S + 13) // 26 is the same value, 5x faster than PIL.
+  """
+  if min(pixels.shape[:2]) < 3:
+    return np.asarray(Image.fromarray(pixels).filter(ImageFilter.SMOOTH), np.uint8)
+  wide = pixels.astype(np.uint16)
+  rows = wide[:, :-2] + wide[:, 1:-1]
+  rows += wide[:, 2:]
+  total = rows[:-2] + rows[1:-1]
+  total += rows[2:]
+  total += wide[1:-1, 1:-1] << 2  # the 3x3 box sum + 4 x centre: the kernel's weighted sum
+  total <<= 1
+  total += 13
+  total //= 26
+  out = pixels.copy()
+  out[1:-1, 1:-1] = total
+  return out
+
+
+def _solarize(pixels: np.ndarray, threshold: float) -> np.ndarray:
+  # Values >= threshold become 255 - v = v ^ 255: an XOR with a 0/255 mask, ~10x faster than a
+  # table lookup (np.take) over the pixels, same values.
+  first = math.ceil(threshold)
+  if first > 255:
+    return pixels.copy()
+  if first <= 0:
+    return pixels ^ np.uint8(255)
+  return pixels ^ ((pixels >= np.uint8(first)).view(np.uint8) * np.uint8(255))
+
+
+_NUMPY_OPS = {
     'Posterize': lambda x, v: x & np.uint8((0xFF << (8 - int(v))) & 0xFF),
     'Solarize': _solarize,
     'Invert': lambda x, v: 255 - x,
-    'AutoContrast': lambda x, v: _autocontrast(x),
-    'Equalize': lambda x, v: _equalize(x),
+}
+_HISTOGRAM_OPS = frozenset({'Equalize', 'AutoContrast'})
+_FIXED_TABLES = {'Posterize': _posterize_lut, 'Solarize': _solarize_lut, 'Invert': lambda v: 255 - _VALUES}
+
+
+def _point(image: Image.Image, table: np.ndarray) -> Image.Image:
+  """`image.point(table)`: each channel of an RGB image through its row of a [3, 256] int table.
+
+  Image.point first rounds every entry in Python (`[round(v) for v in lut]`, ~40 us for 768 ints,
+  as long as PIL's C lookup over a 224 px image); the entries are ints in 0..255 already, so this
+  calls the C method directly. Same pixels (tests compare with PIL's ImageOps).
+  """
+  return image._new(image.im.point(table.ravel().tolist(), None))  # pylint: disable=protected-access
+
+
+class _Pixels:
+  """The image AutoAugment is working on: per-channel `table` ([3, 256], None = identity) applied
+  to a base image held as a numpy array, a PIL image, or both (the same pixels).
+
+  Each operation takes the form it is fastest in, so the image is copied between numpy and PIL
+  (~25 us each way at 224 px) only when the form must change. Table operations are composed into
+  `table` and applied once, by PIL, when a pixel operation or the caller needs the pixels.
+  Equalize and AutoContrast need the histogram of the current pixels: that is the base's histogram
+  pushed through `table` (the pixels of value v become table[v]), so it takes no pass over them.
+  """
+
+  def __init__(self, array: np.ndarray | None = None, pil: Image.Image | None = None):
+    self.array, self.pil = array, pil
+    self.table = None
+    self._histogram = None  # of the base
+
+  def replace(self, array: np.ndarray | None = None, pil: Image.Image | None = None) -> None:
+    self.__init__(array, pil)
+
+  def as_pil(self) -> Image.Image:
+    if self.pil is None:
+      self.pil = Image.fromarray(self.array)
+    if self.table is not None:
+      self.replace(pil=_point(self.pil, self.table))
+    return self.pil
+
+  def as_array(self) -> np.ndarray:
+    if self.table is not None or self.array is None:
+      self.array = np.asarray(self.as_pil(), np.uint8)
+    return self.array
+
+  def histogram(self) -> np.ndarray:
+    """[3, 256] counts of each channel's values."""
+    if self._histogram is None:
+      if self.pil is None:
+        self.pil = Image.fromarray(self.array)
+      self._histogram = np.fromiter(self.pil.histogram(), np.int64, 768).reshape(3, 256)
+    if self.table is None:
+      return self._histogram
+    pushed = np.bincount((self.table + _CHANNEL_OFFSETS).ravel(), self._histogram.ravel(), 768)
+    return pushed.astype(np.int64).reshape(3, 256)
+
+  def map(self, table: np.ndarray) -> None:
+    """Maps each channel through `table` ([256] or [3, 256] of values in 0..255)."""
+    if self.table is not None:
+      table = table[self.table] if table.ndim == 1 else table[_CHANNELS, self.table]
+    elif table.ndim == 1:
+      table = np.stack((table, table, table))
+    self.table = table
+
+
+def _apply(pixels: _Pixels, op: str, value: float, histogram_next: bool = False) -> None:
+  """Applies `op` to `pixels`; `histogram_next`: Equalize or AutoContrast follows."""
+  if op in _NUMPY_OPS:
+    if pixels.table is None and not histogram_next:  # one pass of numpy over the pixels is cheapest
+      pixels.replace(array=_NUMPY_OPS[op](pixels.as_array(), value))
+    else:  # compose with the pending table (applied once, later), for free
+      pixels.map(_FIXED_TABLES[op](value))
+  elif op == 'Equalize':
+    pixels.map(_equalize_luts(pixels.histogram()))
+  elif op == 'AutoContrast':
+    pixels.map(_autocontrast_luts(pixels.histogram()))
+  elif op == 'Brightness':
+    pixels.map(_blend_lut(0, 1 + value))
+  elif op == 'Contrast':
+    pixels.map(_blend_lut(_mean_grey(pixels.as_pil()), 1 + value))
+  elif op == 'Color':
+    if 1 + value != 1:  # enhance(1.0) returns the image unchanged (a copy)
+      pixels.replace(pil=_color(pixels.as_pil(), 1 + value))
+  elif op == 'Sharpness':
+    if 1 + value != 1:  # ImageEnhance.Sharpness: a blend with the smoothed image
+      smoothed = Image.fromarray(_smooth(pixels.as_array()))
+      pixels.replace(pil=Image.blend(smoothed, pixels.as_pil(), 1 + value))
+  elif op == 'Rotate':
+    pixels.replace(pil=pixels.as_pil().rotate(value, resample=Image.NEAREST, fillcolor=(0, 0, 0)))
+  elif op in _AFFINE_MATRICES:
+    pixels.replace(pil=_affine(pixels.as_pil(), _AFFINE_MATRICES[op](value)))
+  else:
+    raise ValueError(f'unknown AutoAugment operation {op!r}')
+
+
+_AFFINE_MATRICES = {
+    'ShearX': lambda v: (1, v, 0, 0, 1, 0),
+    'ShearY': lambda v: (1, 0, 0, v, 1, 0),
+    'TranslateX': lambda v: (1, 0, v, 0, 1, 0),
+    'TranslateY': lambda v: (1, 0, 0, 0, 1, v),
 }
 
 
 def apply_op(image: np.ndarray, op: str, value: float) -> np.ndarray:
   """Applies one AutoAugment operation with a signed magnitude `value` to a uint8 [H, W, 3] image."""
-  if op in _PIXEL_OPS:
-    return _PIXEL_OPS[op](image, value)
-  pil = Image.fromarray(image)
-  if op == 'ShearX':
-    pil = _affine(pil, (1, value, 0, 0, 1, 0))
-  elif op == 'ShearY':
-    pil = _affine(pil, (1, 0, 0, value, 1, 0))
-  elif op == 'TranslateX':
-    pil = _affine(pil, (1, 0, value, 0, 1, 0))
-  elif op == 'TranslateY':
-    pil = _affine(pil, (1, 0, 0, 0, 1, value))
-  elif op == 'Rotate':
-    pil = pil.rotate(value, resample=Image.NEAREST, fillcolor=(0, 0, 0))
-  elif op == 'Brightness':
-    pil = ImageEnhance.Brightness(pil).enhance(1 + value)
-  elif op == 'Color':
-    pil = ImageEnhance.Color(pil).enhance(1 + value)
-  elif op == 'Contrast':
-    pil = ImageEnhance.Contrast(pil).enhance(1 + value)
-  elif op == 'Sharpness':
-    pil = ImageEnhance.Sharpness(pil).enhance(1 + value)
-  else:
-    raise ValueError(f'unknown AutoAugment operation {op!r}')
-  return np.asarray(pil, np.uint8)
+  pixels = _Pixels(np.asarray(image))
+  _apply(pixels, op, value)
+  return pixels.as_array()
 
 
 def _check_image(image: np.ndarray, where: str) -> np.ndarray:
@@ -178,20 +315,27 @@ def _check_image(image: np.ndarray, where: str) -> np.ndarray:
   return image
 
 
-def autoaugment(image: np.ndarray, rng: np.random.Generator,
-                policy: Sequence = IMAGENET_POLICY) -> np.ndarray:
-  """One random sub-policy of AutoAugment applied to a uint8 [H, W, 3] image."""
+def autoaugment(image: np.ndarray, rng: np.random.Generator, policy: Sequence = IMAGENET_POLICY,
+                *, pil_image: Image.Image | None = None) -> np.ndarray:
+  """One random sub-policy of AutoAugment applied to a uint8 [H, W, 3] image.
+
+  `pil_image`, if given, is the same pixels as an RGB PIL image (e.g. the resize that produced
+  `image`): it saves copying `image` into PIL when an operation works on PIL images.
+  """
   image = _check_image(image, 'autoaugment')
+  if pil_image is not None and (pil_image.mode != 'RGB' or pil_image.size != image.shape[1::-1]):
+    raise ValueError(f'autoaugment: pil_image is {pil_image.mode} {pil_image.size}, the image is RGB '
+                     f'{image.shape[1::-1]}')
   sub_policy = policy[int(rng.integers(len(policy)))]
   draws, signs = rng.random(len(sub_policy)), rng.random(len(sub_policy)) < 0.5
   height, width = image.shape[:2]
-  for (op, probability, bin_index), draw, negate in zip(sub_policy, draws, signs):
-    if draw < probability:
-      value = magnitude(op, bin_index, width, height)
-      if op in _SIGNED and negate:
-        value = -value
-      image = apply_op(image, op, value)
-  return image
+  ops = [(op, -magnitude(op, bin_index, width, height) if op in _SIGNED and negate
+          else magnitude(op, bin_index, width, height))
+         for (op, probability, bin_index), draw, negate in zip(sub_policy, draws, signs) if draw < probability]
+  pixels = _Pixels(image, pil_image)
+  for i, (op, value) in enumerate(ops):
+    _apply(pixels, op, value, histogram_next=any(later in _HISTOGRAM_OPS for later, _ in ops[i + 1:]))
+  return pixels.as_array()
 
 
 # --- crops and flips -------------------------------------------------------------------------------
