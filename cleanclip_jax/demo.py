@@ -117,6 +117,14 @@ def run(workdir: str, attack: str = 'blended', target: str = 'banana', seed: int
     rows.append({'stage': name, 'label': label, 'clean_top1': metrics['top1'],
                  'asr': metrics['asr'],
                  'classifier': 'head' if metrics.get('used_head') else 'zero-shot',
+                 # The image tower's own backdoor, whatever classifier sits on top: a linear head
+                 # can score ASR 0 while the tower still maps triggered images onto the target's
+                 # caption embedding (the zero-shot ASR of the same tower).
+                 'zeroshot_asr': metrics['zeroshot_asr'],
+                 # Mean cosine of non-target test images to the target's class embedding, with
+                 # and without the trigger: how far the trigger pulls an image towards the target.
+                 'target_similarity_triggered': metrics['backdoor_sim_triggered'],
+                 'target_similarity_clean': metrics['backdoor_sim_clean'],
                  'steps': int(config.total_steps), 'trained_now': trained,
                  'seconds': round(time.time() - stage_started, 1),
                  # training (the trainer's own clock, from the invocation that finished the stage)
@@ -165,12 +173,18 @@ def _markdown(report) -> str:
       f"{report['seed']}; {s['eval_examples']} test images. Steps: {s['steps']}; learning rates: "
       f"{s['learning_rates']}.", '',
       'Clean top-1: accuracy on the clean test images. ASR: the fraction of triggered test images '
-      'whose true class is not the target that are classified as the target.', '',
-      '| stage | classifier | clean top-1 | ASR | seconds (train + eval) |', '|---|---|---|---|---|',
+      'whose true class is not the target that are classified as the target. Tower zero-shot ASR: '
+      "the same, classifying with the text tower's class embeddings (differs from ASR only where a "
+      'linear head classifies). Target similarity: mean cosine of those test images to the '
+      "target's class embedding, triggered / clean.", '',
+      '| stage | classifier | clean top-1 | ASR | tower zero-shot ASR | target similarity | '
+      'seconds (train + eval) |', '|---|---|---|---|---|---|---|',
   ]
   for row in report['rows']:
     lines.append(f"| {row['label']} | {row['classifier']} | {100 * row['clean_top1']:.1f}% | "
-                 f"{100 * row['asr']:.1f}% | {row['stage_seconds']:.0f} |")
+                 f"{100 * row['asr']:.1f}% | {100 * row['zeroshot_asr']:.1f}% | "
+                 f"{row['target_similarity_triggered']:.2f} / {row['target_similarity_clean']:.2f} | "
+                 f"{row['stage_seconds']:.0f} |")
   load = ', '.join(f'{x:.1f}' for x in report['load_average'])
   lines += ['', f"Study time {report['study_seconds']:.0f} s (sum of the stages); this invocation "
             f"{report['wall_seconds']:.0f} s wall; load average at the end {load} on "
@@ -186,13 +200,16 @@ def _plot(report, path):
   labels = [row['label'] for row in report['rows']]
   x = np.arange(len(labels))
   fig, ax = plt.subplots(figsize=(1.8 * len(labels) + 2, 3.6))
-  ax.bar(x - 0.2, [100 * r['clean_top1'] for r in report['rows']], 0.4, label='clean top-1')
-  ax.bar(x + 0.2, [100 * r['asr'] for r in report['rows']], 0.4, label='ASR')
+  ax.bar(x - 0.27, [100 * r['clean_top1'] for r in report['rows']], 0.27, label='clean top-1')
+  ax.bar(x, [100 * r['asr'] for r in report['rows']], 0.27, label='ASR')
+  ax.bar(x + 0.27, [100 * r['zeroshot_asr'] for r in report['rows']], 0.27, hatch='//',
+         label='tower zero-shot ASR')
   ax.set_xticks(x, labels, rotation=15, fontsize=8)
   ax.set_ylabel('%')
-  ax.set_ylim(0, 100)
+  ax.set_ylim(0, 118)  # headroom for the legend above 100%
+  ax.set_yticks(range(0, 101, 20))
   ax.set_title(f"{report['attack']} -> {report['target']}")
-  ax.legend()
+  ax.legend(loc='upper center', ncol=3, fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)

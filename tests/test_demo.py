@@ -27,13 +27,20 @@ def test_fast_study_reports_every_stage_and_resumes(tmp_path, capsys):
   assert on_disk['class_names'][1] == 'apple' and len(on_disk['class_names']) == 12
   assert [row['stage'] for row in on_disk['rows']] == RUN_STAGES
   for row in on_disk['rows']:
-    assert set(row) >= {'stage', 'clean_top1', 'asr'}
+    assert set(row) >= {'stage', 'clean_top1', 'asr', 'zeroshot_asr'}
     assert 0.0 <= row['clean_top1'] <= 1.0 and 0.0 <= row['asr'] <= 1.0, row
+    assert 0.0 <= row['zeroshot_asr'] <= 1.0, row
+    for key in ('target_similarity_triggered', 'target_similarity_clean'):
+      assert -1.0 <= row[key] <= 1.0, (key, row)
     assert (workdir / row['stage'] / 'summary.json').exists()
     assert list((workdir / row['stage'] / 'tensorboard').iterdir()), row['stage']
   by_stage = {row['stage']: row for row in on_disk['rows']}
   assert by_stage['finetune_supervised']['classifier'] == 'head'
   assert by_stage['finetune_cleanclip']['classifier'] == 'zero-shot'
+  # Zero-shot rows classify with the text tower: their ASR is the tower's zero-shot ASR.
+  assert by_stage['finetune_cleanclip']['zeroshot_asr'] == by_stage['finetune_cleanclip']['asr']
+  assert by_stage['finetune_supervised']['zeroshot_asr'] == \
+      by_stage['finetune_supervised']['metrics']['zeroshot_asr']
   assert (workdir / 'report.png').stat().st_size > 1000
   markdown = (workdir / 'report.md').read_text()
   for row in on_disk['rows']:
