@@ -127,8 +127,13 @@ def _solarize_lut(threshold: float) -> np.ndarray:
   return np.where(_VALUES >= threshold, 255 - _VALUES, _VALUES)
 
 
+def _posterize_mask(bits: float) -> int:
+  # Keep the top `bits` bits of each value.
+  return (0xFF << (8 - int(bits))) & 0xFF
+
+
 def _posterize_lut(bits: float) -> np.ndarray:
-  return _VALUES & ((0xFF << (8 - int(bits))) & 0xFF)
+  return _VALUES & _posterize_mask(bits)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -194,7 +199,7 @@ def _solarize(pixels: np.ndarray, threshold: float) -> np.ndarray:
 
 
 _NUMPY_OPS = {
-    'Posterize': lambda x, v: x & np.uint8((0xFF << (8 - int(v))) & 0xFF),
+    'Posterize': lambda x, v: x & np.uint8(_posterize_mask(v)),
     'Solarize': _solarize,
     'Invert': lambda x, v: 255 - x,
 }
@@ -329,9 +334,11 @@ def autoaugment(image: np.ndarray, rng: np.random.Generator, policy: Sequence = 
   sub_policy = policy[int(rng.integers(len(policy)))]
   draws, signs = rng.random(len(sub_policy)), rng.random(len(sub_policy)) < 0.5
   height, width = image.shape[:2]
-  ops = [(op, -magnitude(op, bin_index, width, height) if op in _SIGNED and negate
-          else magnitude(op, bin_index, width, height))
-         for (op, probability, bin_index), draw, negate in zip(sub_policy, draws, signs) if draw < probability]
+  ops = []
+  for (op, probability, bin_index), draw, negate in zip(sub_policy, draws, signs):
+    if draw < probability:
+      value = magnitude(op, bin_index, width, height)
+      ops.append((op, -value if op in _SIGNED and negate else value))
   pixels = _Pixels(image, pil_image)
   for i, (op, value) in enumerate(ops):
     _apply(pixels, op, value, histogram_next=any(later in _HISTOGRAM_OPS for later, _ in ops[i + 1:]))
