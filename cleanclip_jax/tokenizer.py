@@ -100,7 +100,7 @@ class Tokenizer:
     self._cache: dict[str, tuple[int, ...]] = {}
     # Whole captions repeat (poisoned captions come from a few templates, every caption recurs
     # each epoch), so their ids are cached too.
-    self._text_cache: dict[str, tuple[int, ...]] = {}
+    self._text_cache: dict[str, np.ndarray] = {}
 
   def _bpe(self, word: str) -> tuple[int, ...]:
     """Ids of one pre-token (already byte-encoded), merged greedily by rank."""
@@ -127,21 +127,41 @@ class Tokenizer:
     self._cache[word] = ids
     return ids
 
-  def encode(self, text: str) -> list[int]:
-    """Ids of a caption without SOT/EOT."""
+  def _ids(self, text: str) -> np.ndarray:
+    """Ids of a caption without SOT/EOT, int32, cached per caption (read-only)."""
     ids = self._text_cache.get(text)
     if ids is None:
-      ids = []
+      pieces = []
       for piece in self._pattern.findall(clean(text)):
         if piece in (SOT, EOT):
-          ids.append(self.encoder[piece])
+          pieces.append(self.encoder[piece])
           continue
-        ids.extend(self._bpe(''.join(self.byte_encoder[b] for b in piece.encode('utf-8'))))
-      ids = tuple(ids)
+        pieces.extend(self._bpe(''.join(self.byte_encoder[b] for b in piece.encode('utf-8'))))
+      ids = np.array(pieces, np.int32)
+      ids.flags.writeable = False
       if len(self._text_cache) >= _TEXT_CACHE_LIMIT:
         self._text_cache.clear()
       self._text_cache[text] = ids
-    return list(ids)
+    return ids
+
+  def encode(self, text: str) -> list[int]:
+    """Ids of a caption without SOT/EOT."""
+    return self._ids(text).tolist()
+
+  def encode_padded(self, text: str, context_length: int | None = None) -> np.ndarray:
+    """One caption as int32 [context_length]: SOT, ids (cut to fit), EOT, zeros."""
+    length = context_length or self.context_length
+    if length < 2:
+      raise ValueError(f'context_length={length}: need room for SOT and EOT')
+    out = np.zeros(length, np.int32)
+    self._fill(out, text)
+    return out
+
+  def _fill(self, row: np.ndarray, text: str) -> None:
+    ids = self._ids(text)[:len(row) - 2]
+    row[0] = self.sot_id
+    row[1:len(ids) + 1] = ids
+    row[len(ids) + 1] = self.eot_id
 
   def decode(self, ids: Iterable[int]) -> str:
     ids = [int(i) for i in ids if int(i) not in (0, self.sot_id, self.eot_id)]
@@ -156,9 +176,8 @@ class Tokenizer:
     if length < 2:
       raise ValueError(f'context_length={length}: need room for SOT and EOT')
     out = np.zeros((len(texts), length), np.int32)
-    for row, text in enumerate(texts):
-      ids = [self.sot_id] + self.encode(text)[:length - 2] + [self.eot_id]
-      out[row, :len(ids)] = ids
+    for row, text in zip(out, texts):
+      self._fill(row, text)
     return out
 
 

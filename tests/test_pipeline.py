@@ -79,12 +79,6 @@ def test_inmodal_views_and_random_resized_crop_are_seeded():
   assert not np.array_equal(other['image'], batch['image'])
 
 
-def test_generator_is_default_rng():
-  for entropy in ([3, 0, 17, 2], [0, 0, 0, 0], [2**32 - 1, 5, 2**31, 1], [3, 2**32, 7, 2], [2**40 + 3, 1, 2, 3]):
-    np.testing.assert_array_equal(pipeline._generator(entropy).integers(0, 2**62, 8),
-                                  np.random.default_rng(entropy).integers(0, 2**62, 8), err_msg=str(entropy))
-
-
 def test_inmodal_view_from_the_resized_pil_image_is_unchanged():
   # Source images larger than image_size are resized, and AutoAugment starts from the resize's PIL
   # image: the views must be those of `autoaugment` on the array with the stage's own generator.
@@ -112,6 +106,17 @@ def test_epochs_are_permutations_reshuffled_each_epoch():
   assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
   ordered = list(_iterator(_config(shuffle=False), num_epochs=1))
   assert np.concatenate([b['index'] for b in ordered]).tolist() == list(range(24))
+
+
+def test_shuffled_plan_is_grains_shuffle():
+  # EpochPlan calls grain's index shuffle directly; the order must stay MapDataset.shuffle's, which
+  # resumed runs and older checkpoints' data positions depend on.
+  for n, seed in ((1, 0), (2, 5), (24, 0), (1000, 123)):
+    plan = pipeline.EpochPlan(n, seed, True, 0, 1)
+    for epoch in (0, 1, 7):
+      epoch_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+      expected = list(grain.MapDataset.range(n).shuffle(seed=epoch_seed))
+      assert [plan(epoch * n + k) for k in range(n)] == [(epoch, i) for i in expected], (n, seed, epoch)
 
 
 def test_hosts_read_disjoint_shares():

@@ -332,7 +332,9 @@ def autoaugment(image: np.ndarray, rng: np.random.Generator, policy: Sequence = 
     raise ValueError(f'autoaugment: pil_image is {pil_image.mode} {pil_image.size}, the image is RGB '
                      f'{image.shape[1::-1]}')
   sub_policy = policy[int(rng.integers(len(policy)))]
-  draws, signs = rng.random(len(sub_policy)), rng.random(len(sub_policy)) < 0.5
+  # One call for the probability draws and the signs: the same doubles as two calls, in order.
+  uniform = rng.random(2 * len(sub_policy))
+  draws, signs = uniform[:len(sub_policy)], uniform[len(sub_policy):] < 0.5
   height, width = image.shape[:2]
   ops = []
   for (op, probability, bin_index), draw, negate in zip(sub_policy, draws, signs):

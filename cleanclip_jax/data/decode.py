@@ -65,9 +65,16 @@ def decode_image(record: dict[str, Any], *, max_pixels: int = MAX_PIXELS,
   while keeping both sides >= draft_size, so a later resize to that size loses nothing visible.
   Raises `BadImageError` for every unusable input.
   """
+  return np.asarray(decode_pil(record, max_pixels=max_pixels, draft_size=draft_size), np.uint8)
+
+
+def decode_pil(record: dict[str, Any], *, max_pixels: int = MAX_PIXELS,
+               draft_size: int | None = None) -> Image.Image:
+  """`decode_image` as an RGB PIL image: the same pixels, for a caller that resizes next (a copy
+  into numpy and back costs ~100 us per 256 px image, 7% of decoding it)."""
   path = record.get('image_path', '') or ''
   if record.get('image') is not None:
-    return _array_to_rgb(record['image'], path)
+    return Image.fromarray(_array_to_rgb(record['image'], path))
   data = record.get('image_bytes')
   if data is None:
     data = _read_file(path)
@@ -76,10 +83,12 @@ def decode_image(record: dict[str, Any], *, max_pixels: int = MAX_PIXELS,
   return _decode_bytes(bytes(data), path, max_pixels, draft_size)
 
 
-def decode_or_none(record: dict[str, Any], **kwargs) -> tuple[np.ndarray | None, BadImageError | None]:
-  """`decode_image` that returns `(image, None)` or `(None, error)` instead of raising."""
+def decode_or_none(record: dict[str, Any], *, as_pil: bool = False,
+                   **kwargs) -> tuple[np.ndarray | Image.Image | None, BadImageError | None]:
+  """`decode_image` (`decode_pil` if `as_pil`) that returns `(image, None)` or `(None, error)`
+  instead of raising."""
   try:
-    return decode_image(record, **kwargs), None
+    return (decode_pil if as_pil else decode_image)(record, **kwargs), None
   except BadImageError as e:
     return None, e
 
@@ -96,7 +105,7 @@ def _read_file(path: str) -> bytes:
     raise BadImageError('unreadable_file', path, f'{type(e).__name__}: {e.strerror or e}') from None
 
 
-def _decode_bytes(data: bytes, path: str, max_pixels: int, draft_size: int | None) -> np.ndarray:
+def _decode_bytes(data: bytes, path: str, max_pixels: int, draft_size: int | None) -> Image.Image:
   with warnings.catch_warnings():
     # Our own limit is stricter than PIL's; its warning would only repeat what we check.
     warnings.simplefilter('ignore', Image.DecompressionBombWarning)
@@ -138,27 +147,28 @@ def _truncated_or_corrupt(error: Exception) -> str:
 
 
 def _apply_orientation(image: Image.Image) -> Image.Image:
+  # In place: the default returns a copy of every image that needs no turning (~15 us at 256 px).
   try:
-    return ImageOps.exif_transpose(image)
+    ImageOps.exif_transpose(image, in_place=True)
   except Exception:  # pylint: disable=broad-except
-    # A malformed EXIF block must not cost a good image; it is then shown unrotated.
-    return image
+    pass  # A malformed EXIF block must not cost a good image; it is then shown unrotated.
+  return image
 
 
-def _to_rgb(image: Image.Image) -> np.ndarray:
+def _to_rgb(image: Image.Image) -> Image.Image:
   mode = image.mode
   if mode == 'RGB':
-    return np.asarray(image, dtype=np.uint8)
+    return image
   if mode.startswith('I;16') or mode in ('I', 'F'):
-    return _high_depth_to_rgb(image)
+    return Image.fromarray(_high_depth_to_rgb(image))
   if mode == 'P' and 'transparency' in image.info:
     image, mode = image.convert('RGBA'), 'RGBA'
   if mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La'):
     image = image.convert('RGBA')
     background = Image.new('RGBA', image.size, (255, 255, 255, 255))
-    return np.asarray(Image.alpha_composite(background, image).convert('RGB'), dtype=np.uint8)
+    return Image.alpha_composite(background, image).convert('RGB')
   # CMYK (PIL undoes Adobe's inverted CMYK), YCbCr, LAB, HSV, L, 1, P without transparency.
-  return np.asarray(image.convert('RGB'), dtype=np.uint8)
+  return image.convert('RGB')
 
 
 def _high_depth_to_rgb(image: Image.Image) -> np.ndarray:
@@ -185,5 +195,5 @@ def _array_to_rgb(array: Any, path: str) -> np.ndarray:
   if channels == 1:
     return np.repeat(array, 3, axis=-1)
   if channels == 4:
-    return _to_rgb(Image.fromarray(array, 'RGBA'))
+    return np.asarray(_to_rgb(Image.fromarray(array, 'RGBA')), np.uint8)
   raise BadImageError('bad_array', path, f'{channels} channels')

@@ -44,7 +44,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from cleanclip_jax.data import decode, sources
+from cleanclip_jax.data import decode, seeding, sources
 
 log = logging.getLogger(__name__)
 
@@ -198,25 +198,28 @@ def poisoned_indices(data_cfg: ml_collections.ConfigDict, source=None) -> np.nda
 # --- preprocessing ---------------------------------------------------------------------------------
 
 
-def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
+def resize_center_crop(image: np.ndarray | Image.Image, size: int) -> np.ndarray:
   """Bicubic resize of the shorter side to `size`, then the central `size` x `size` square.
 
   Done as one PIL resize of the central square (the same pixels as resize-then-crop, without
-  resampling the parts the crop throws away).
+  resampling the parts the crop throws away). `image`: uint8 RGB [H, W, 3] or an RGB PIL image.
   """
   return _resize_center_crop(image, size)[0]
 
 
-def _resize_center_crop(image: np.ndarray, size: int) -> tuple[np.ndarray, Image.Image | None]:
-  # `resize_center_crop`, and the resized PIL image (None when no resize was needed), which
-  # AutoAugment can start from instead of copying the array back into PIL.
-  height, width = image.shape[:2]
+def _resize_center_crop(image: np.ndarray | Image.Image,
+                        size: int) -> tuple[np.ndarray, Image.Image | None]:
+  # `resize_center_crop`, and the result as a PIL image too (None for an array that needed no
+  # resize), which AutoAugment can start from instead of copying the array back into PIL.
+  is_array = isinstance(image, np.ndarray)
+  width, height = (image.shape[1], image.shape[0]) if is_array else image.size
   if height == width == size:
-    return image, None
+    return (image, None) if is_array else (np.asarray(image, dtype=np.uint8), image)
+  if is_array:
+    image = Image.fromarray(image)
   side = min(height, width)
   left, top = (width - side) / 2, (height - side) / 2
-  resized = Image.fromarray(image).resize(
-      (size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side))
+  resized = image.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side))
   return np.asarray(resized, dtype=np.uint8), resized
 
 
@@ -235,13 +238,15 @@ def load_image(source, index: int, image_size: int, on_bad_image: str) -> tuple[
 
 def _load_image(source, index: int, image_size: int,
                 on_bad_image: str) -> tuple[dict, np.ndarray | None, Image.Image | None]:
-  # `load_image`, and the image as PIL when the resize made one (see `_resize_center_crop`).
+  # `load_image`, and the image as PIL too (see `_resize_center_crop`).
   try:
     record = source[index]
   except sources.BadRecordError as e:
     return _fail_or_skip('corrupt_record', {'index': index, 'origin': f'record {index}'}, str(e),
                          on_bad_image), None, None
-  image, error = decode.decode_or_none(record, draft_size=image_size)
+  # Encoded images are decoded to PIL and resized there; in-memory arrays (the synthetic source)
+  # stay arrays, uncopied when they are the right size already.
+  image, error = decode.decode_or_none(record, as_pil=record.get('image') is None, draft_size=image_size)
   if error is not None:
     return _fail_or_skip(error.reason, record, error.detail, on_bad_image), None, None
   return record, *_resize_center_crop(image, image_size)
@@ -272,24 +277,14 @@ class EpochPlan:
     slot = self.process_index + position * self.process_count
     if not self.shuffle:
       return epoch, slot
-    return epoch, int(self._permutation(epoch)[slot])
+    # grain's index shuffle (O(1) memory, so any dataset size works), called as
+    # `MapDataset.range(n).shuffle(seed)[slot]` calls it, without that lookup's ~8 us an example.
+    return epoch, int(grain.experimental.index_shuffle(
+        slot, max_index=self.num_examples - 1, seed=self._epoch_seed(epoch), rounds=4))
 
   @functools.lru_cache(maxsize=2)
-  def _permutation(self, epoch: int) -> grain.MapDataset:
-    # grain's index shuffle: O(1) memory, so any dataset size works.
-    epoch_seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0])
-    return grain.MapDataset.range(self.num_examples).shuffle(seed=epoch_seed)
-
-
-def _generator(entropy: list[int]) -> np.random.Generator:
-  """`np.random.default_rng(entropy)`, faster when every word fits in 32 bits.
-
-  SeedSequence turns each int below 2**32 into one uint32 word, so a uint32 array of the same
-  values is the same entropy (the same stream); it skips the per-int conversion (~3 us a call).
-  """
-  if all(0 <= word < 2**32 for word in entropy):
-    return np.random.default_rng(np.array(entropy, np.uint32))
-  return np.random.default_rng(entropy)
+  def _epoch_seed(self, epoch: int) -> int:
+    return int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0])
 
 
 class TrainExample:
@@ -317,6 +312,9 @@ class TrainExample:
       from cleanclip_jax import tokenizer  # pylint: disable=g-import-not-at-top
       # Built lazily, once per worker process, rather than pickled into every worker.
       self._tokenizer = tokenizer.get_tokenizer(self._merges_path or None)
+    encode_padded = getattr(self._tokenizer, 'encode_padded', None)
+    if encode_padded is not None:  # the built-in tokenizer's one-caption path (no [1, L] batch)
+      return encode_padded(text, self.context_length)
     return np.asarray(self._tokenizer([text], self.context_length)[0], np.int32)
 
   @functools.cached_property
@@ -325,7 +323,7 @@ class TrainExample:
     return triggers.make_trigger(self.poison_cfg.trigger, self.image_size)
 
   def _rng(self, epoch: int, index: int, stage: int) -> np.random.Generator:
-    return _generator([self.seed, epoch, index, stage])
+    return seeding.example_generator(self.seed, epoch, index, stage)
 
   def __call__(self, step: int) -> dict[str, Any]:
     epoch, index = self.plan(step)
