@@ -3,11 +3,12 @@
 Every training example draws its augmentations from generators keyed by four small ints, so a run
 is reproducible and resumable from any step. numpy builds such a generator by mixing the words
 through `SeedSequence` (its hash, then 4 uint64 words of PCG64 state). In a grain worker that costs
-25-35 us a generator, not the 7 us of a tight loop: it runs right after an image decode, which has
+24-34 us a generator, not the 7 us of a tight loop: it runs right after an image decode, which has
 evicted numpy's code and data from the caches. `example_generator` computes the same SeedSequence
 words in straight-line integer arithmetic and hands them to PCG64, which seeds itself from them:
-the same stream, bit for bit, for ~15 us less per generator there (tests compare it with
-`default_rng` on thousands of keys; numpy fixes SeedSequence's algorithm across versions, NEP 19).
+the same stream, bit for bit, for 6-11 us less per generator there (no faster in a tight loop;
+tests compare it with `default_rng` on thousands of keys; numpy fixes SeedSequence's algorithm
+across versions, NEP 19).
 
 The SeedSequence algorithm (O'Neill's `seed_seq`, as numpy implements it), for 4 uint32 entropy words
 and a pool of 4: each word is hashed into the pool (`hashmix`); every pool word is then mixed into
