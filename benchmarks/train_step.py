@@ -44,6 +44,8 @@ def _parse_args(argv=None):
   parser.add_argument('--warmup', type=int, default=2, help='untimed steps first (compile, caches)')
   parser.add_argument('--skip-torch', action='store_true')
   parser.add_argument('--skip-memory', action='store_true')
+  parser.add_argument('--keep-freed-memory', action='store_true',
+                      help='apply host_memory.keep_freed_memory (glibc keeps freed memory: no per-step page faults)')
   parser.add_argument('--memory-devices', default='4,8')
   parser.add_argument('--memory-batch-per-device', type=int, default=256)
   # Internal: the memory-analysis child process.
@@ -248,6 +250,9 @@ def main(argv=None):
     memory_child(args)
     return
   _pin_threads(args.threads)
+  from cleanclip_jax import host_memory
+  # As the trainer does (opt-in there, CLEANCLIP_KEEP_FREED_MEMORY=1); for open_clip's step too.
+  host_memory.keep_freed_memory(force=args.keep_freed_memory)
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   import jax
   from cleanclip_jax import flops, models

@@ -25,6 +25,7 @@ import sys
 import time
 
 from cleanclip_jax import config as config_lib
+from cleanclip_jax import host_memory
 
 # stage (a preset of configs/demo.py) -> human label, in the order they run
 LABELS = {
@@ -254,6 +255,7 @@ def main(argv=None):
     from cleanclip_jax.data import synthetic
     print('\n'.join(synthetic.CLASS_NAMES))
     return 0
+  host_memory.keep_freed_memory()  # before JAX starts its CPU client's threads
   _use_compilation_cache(pathlib.Path(args.workdir) / 'jax_cache')
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
   # orbax narrates every save at INFO through absl; keep the trainer's progress lines (its step

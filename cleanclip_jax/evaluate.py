@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cleanclip_jax import eval_metrics, zeroshot
+from cleanclip_jax import eval_metrics, host_memory, zeroshot
 from cleanclip_jax.data.normalize import normalize
 
 log = logging.getLogger(__name__)
@@ -622,6 +622,7 @@ def main(argv=None) -> None:
     if len(argv) > 1:
       raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
+    host_memory.keep_freed_memory()  # before JAX starts its CPU client's threads
     FLAGS = flags.FLAGS
     run_job(FLAGS.workdir, FLAGS.config, follow=FLAGS.follow, step=FLAGS.step,
             timeout=FLAGS.timeout, poll_seconds=FLAGS.poll_seconds, force=FLAGS.force)

@@ -45,7 +45,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cleanclip_jax import checkpoint, distributed, flops, metrics_log, sharding, train_step
+from cleanclip_jax import checkpoint, distributed, flops, host_memory, metrics_log, sharding, train_step
 from cleanclip_jax import config as config_lib
 
 PREEMPTED_EXIT_CODE = 143
@@ -444,6 +444,7 @@ def main(argv: list[str]) -> None:
   if _CONFIG.value is None or not _WORKDIR.value:
     raise app.UsageError('give --config=configs/<file>.py[:preset] and --workdir=DIR')
   quiet_library_logs()
+  host_memory.keep_freed_memory()  # before JAX starts its CPU client's threads
   distributed.initialize()
   try:
     summary = run(_CONFIG.value, _WORKDIR.value)
