@@ -14,7 +14,7 @@ ready, so they may be alive when the next call allocates; tests/test_host_memory
 The cost: host memory that was freed stays mapped (the process's resident size stays near its
 peak, as with tcmalloc or jemalloc), and all threads share one arena lock. That second cost is
 real: the demo study, whose input pipeline runs in threads of the training process, took 400 s
-instead of 267 s with the settings (58 s of system time), although its train steps alone are
+instead of 267-275 s with the settings (58 s of system time), although its train steps alone are
 faster. So the settings are **opt-in**: CLEANCLIP_KEEP_FREED_MEMORY=1 in the environment (or
 `force=True`, as `benchmarks/train_step.py --keep-freed-memory` does). The entry points call
 `keep_freed_memory()` before JAX starts its CPU client (the settings act on later allocations).
