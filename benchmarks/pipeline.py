@@ -125,12 +125,11 @@ def main(argv=None) -> dict:
   poisoned = np.asarray(visited, np.int64)[np.linspace(0, count - 1, num_poisoned).round().astype(np.int64)]
   example = pipeline.TrainExample(source, plan, config.data, config.seed, config.model.context_length,
                                   None, config.model.tokenizer, poisoned)
-  for i in range(8):  # warm-up: tokenizer vocabulary, EDA synonym table, trigger pattern
-    decode_resize(i)
-    example(i)
+  # One untimed pass of both: the warm-up (tokenizer vocabulary, EDA synonym table, trigger
+  # pattern) and the check that the pipeline's clean images are the reference's.
   for step in range(count):
-    out = example(step)
-    if not out['is_poisoned'] and not np.array_equal(out['image'], decode_resize(step)):
+    out, reference = example(step), decode_resize(step)
+    if not out['is_poisoned'] and not np.array_equal(out['image'], reference):
       raise AssertionError(f'step {step}: the pipeline\'s image differs from the reference decode')
 
   full_example = example

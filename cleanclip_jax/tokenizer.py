@@ -150,12 +150,15 @@ class Tokenizer:
 
   def encode_padded(self, text: str, context_length: int | None = None) -> np.ndarray:
     """One caption as int32 [context_length]: SOT, ids (cut to fit), EOT, zeros."""
+    out = np.zeros(self._length(context_length), np.int32)
+    self._fill(out, text)
+    return out
+
+  def _length(self, context_length: int | None) -> int:
     length = context_length or self.context_length
     if length < 2:
       raise ValueError(f'context_length={length}: need room for SOT and EOT')
-    out = np.zeros(length, np.int32)
-    self._fill(out, text)
-    return out
+    return length
 
   def _fill(self, row: np.ndarray, text: str) -> None:
     ids = self._ids(text)[:len(row) - 2]
@@ -172,10 +175,7 @@ class Tokenizer:
   def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> np.ndarray:
     if isinstance(texts, str):
       texts = [texts]
-    length = context_length or self.context_length
-    if length < 2:
-      raise ValueError(f'context_length={length}: need room for SOT and EOT')
-    out = np.zeros((len(texts), length), np.int32)
+    out = np.zeros((len(texts), self._length(context_length)), np.int32)
     for row, text in zip(out, texts):
       self._fill(row, text)
     return out
