@@ -44,8 +44,6 @@ def _parse_args(argv=None):
   parser.add_argument('--warmup', type=int, default=2, help='untimed steps first (compile, caches)')
   parser.add_argument('--skip-torch', action='store_true')
   parser.add_argument('--skip-memory', action='store_true')
-  parser.add_argument('--keep-freed-memory', action='store_true',
-                      help='apply host_memory.keep_freed_memory (glibc keeps freed memory: no per-step page faults)')
   parser.add_argument('--memory-devices', default='4,8')
   parser.add_argument('--memory-batch-per-device', type=int, default=256)
   # Internal: the memory-analysis child process.
@@ -251,15 +249,16 @@ def main(argv=None):
     return
   _pin_threads(args.threads)
   from cleanclip_jax import host_memory
-  # As the trainer does (opt-in there, CLEANCLIP_KEEP_FREED_MEMORY=1); for open_clip's step too.
-  host_memory.keep_freed_memory(force=args.keep_freed_memory)
+  # As the trainer does (CLEANCLIP_KEEP_FREED_MEMORY=0 opts out); for open_clip's step too.
+  kept = host_memory.keep_freed_memory()
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   import jax
   from cleanclip_jax import flops, models
 
   memory = [] if args.skip_memory else run_memory(args)
   print(f'backend {jax.default_backend()}, {args.threads} threads '
-        f'(affinity {sorted(os.sched_getaffinity(0))}), batch {args.batch}, model {args.model}', flush=True)
+        f'(affinity {sorted(os.sched_getaffinity(0))}), batch {args.batch}, model {args.model}, '
+        f'host_memory.keep_freed_memory {"on" if kept else "off"}', flush=True)
   runners = {'clip': jax_step_runner(args, 'clip'), 'cleanclip': jax_step_runner(args, 'cleanclip')}
   if not args.skip_torch:
     runners['torch'] = torch_step_runner(args)
@@ -272,7 +271,8 @@ def main(argv=None):
   cfg = models.get_config(args.model)
   clip_flops = flops.train_flops_per_example(cfg, 'clip', global_batch=args.batch)
   clean_flops = flops.train_flops_per_example(cfg, 'cleanclip', global_batch=args.batch)
-  summary = {'threads': args.threads, 'batch': args.batch, 'load_average': round(os.getloadavg()[0], 2)}
+  summary = {'threads': args.threads, 'batch': args.batch, 'keep_freed_memory': kept,
+             'load_average': round(os.getloadavg()[0], 2)}
   for clock in ('wall', 'cpu'):
     peak = matmul_flops / timer.median('matmul', clock)
     clip_time, clean_time = timer.median('clip', clock), timer.median('cleanclip', clock)

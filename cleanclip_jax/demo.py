@@ -255,7 +255,7 @@ def main(argv=None):
     from cleanclip_jax.data import synthetic
     print('\n'.join(synthetic.CLASS_NAMES))
     return 0
-  host_memory.keep_freed_memory()  # if CLEANCLIP_KEEP_FREED_MEMORY=1; before JAX starts its threads
+  host_memory.keep_freed_memory()  # unless CLEANCLIP_KEEP_FREED_MEMORY=0; before JAX makes its CPU client
   _use_compilation_cache(pathlib.Path(args.workdir) / 'jax_cache')
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
   # orbax narrates every save at INFO through absl; keep the trainer's progress lines (its step

@@ -1,24 +1,34 @@
-"""glibc malloc settings that keep freed host memory in the process, for XLA's CPU runtime.
+"""Where XLA's CPU steps get their memory: kept, reused host memory instead of fresh pages per step.
 
-XLA's CPU executables allocate their temporaries afresh on every step, from the runtime's worker
-threads. glibc gives each such thread its own malloc arena, and an arena other than the main one
-serves any block over 64 MB with a fresh mmap and unmaps it on free; the main arena also returns
-its free top to the system. So every step faults its whole working set back in, page by page,
-and the kernel zeroes each page first. Measured with `resource.getrusage` on the `bench-vit` step
-(batch 64, 1 thread): the CLIP step took 0.49M minor page faults, 0.73 s of system time on top of
-3.7 s of user time; the CleanCLIP step 0.93M faults, 1.5 s. With one arena (the brk-grown main
-heap), no mmap-served blocks, no trimming and 1 GB of top padding, both took 0 faults. (The kept
-heap can still grow now and then: the runtime frees a call's temporaries just after its output is
-ready, so they may be alive when the next call allocates; tests/test_host_memory.py.)
+XLA's CPU executables allocate their temporaries afresh on every call. By default JAX runs a CPU
+call on a dispatch thread of its own, and glibc gives each such thread its own malloc arena; an
+arena other than the main one serves any block over 64 MB with a fresh mmap and unmaps it on
+free, and the main arena, too, maps blocks over 32 MB and returns its free top to the system. So
+every step faults its whole working set back in, page by page, and the kernel zeroes each page
+first. Measured with `resource.getrusage` on the `bench-vit` step (batch 64, 1 thread): the CLIP
+step took 0.49M minor page faults, 0.73 s of system time on top of 3.7 s of user time; the
+CleanCLIP step 0.93M faults, 1.5 s.
 
-The cost: host memory that was freed stays mapped (the process's resident size stays near its
-peak, as with tcmalloc or jemalloc), and all threads share one arena lock. That second cost is
-real: the demo study, whose input pipeline runs in threads of the training process, took 400 s
-instead of 267-275 s with the settings (58 s of system time), although its train steps alone are
-faster. So the settings are **opt-in**: CLEANCLIP_KEEP_FREED_MEMORY=1 in the environment (or
-`force=True`, as `benchmarks/train_step.py --keep-freed-memory` does). The entry points call
-`keep_freed_memory()` before JAX starts its CPU client (the settings act on later allocations).
-Linux with glibc only; elsewhere it does nothing.
+`keep_freed_memory()` does two things, before JAX starts its CPU client:
+  - runs single-device CPU calls on the calling thread (`jax_cpu_enable_async_dispatch=False`),
+    so a step's temporaries come from the main thread's arena, the brk-grown main heap;
+  - tells glibc to serve no block by mmap, never to trim, and to grow the heap with 1 GB of
+    padding, so memory a step frees stays in that heap for the next step.
+Both steps then take 0 faults. Threads other than the caller's (the input pipeline's) keep their
+own arenas: an earlier form of this module forced one arena for the whole process, which removed
+the faults too but made the pipeline threads queue on its lock (the demo study took 400 s instead
+of 267-275 s). With this form the demo took 207 s against 263 s without any setting, measured
+back to back, same numbers to the last digit (README, 'Performance').
+
+Why the loss of async dispatch costs nothing here: the trainer reads each step's metrics before
+the next step (a blocking transfer), and the input pipeline prefetches in threads of its own.
+Multi-device CPU calls are dispatched asynchronously regardless (JAX applies the flag to
+single-device calls only).
+
+The cost: host memory that was freed stays mapped (the resident size stays near its peak, as with
+tcmalloc or jemalloc). On by default in the entry points (trainer, evaluation, demo, benchmarks);
+CLEANCLIP_KEEP_FREED_MEMORY=0 in the environment leaves glibc and JAX's dispatch as they are.
+The mallopt part is Linux with glibc only; elsewhere it does nothing.
 """
 
 from __future__ import annotations
@@ -30,19 +40,25 @@ import os
 import sys
 
 # mallopt parameters (glibc malloc.h).
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
 _TOP_PAD_BYTES = 1 << 30
 
 _applied = False
 
 
+def enabled() -> bool:
+  """False where CLEANCLIP_KEEP_FREED_MEMORY=0 opts out."""
+  return os.environ.get('CLEANCLIP_KEEP_FREED_MEMORY', '1') != '0'
+
+
 def keep_freed_memory(force: bool = False) -> bool:
-  """Applies the settings once per process if CLEANCLIP_KEEP_FREED_MEMORY=1 (or `force`); True if
-  they are in effect."""
+  """Applies the settings once per process unless opted out (`force` ignores the opt-out); True if
+  they are in effect. Call it before the first JAX computation: the dispatch setting is read
+  when JAX creates its CPU client, and the malloc settings act on later allocations."""
   global _applied
   if _applied:
     return True
-  if not (force or os.environ.get('CLEANCLIP_KEEP_FREED_MEMORY', '0') == '1'):
+  if not (force or enabled()):
     return False
   if not sys.platform.startswith('linux'):
     return False
@@ -56,8 +72,12 @@ def keep_freed_memory(force: bool = False) -> bool:
   mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
   # -1 is SIZE_MAX to glibc: never trim. Each call returns 1 on success.
   ok = all(mallopt(param, value) == 1 for param, value in (
-      (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1), (_M_TOP_PAD, _TOP_PAD_BYTES)))
+      (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1), (_M_TOP_PAD, _TOP_PAD_BYTES)))
   if not ok:
     logging.warning('host_memory: glibc refused a mallopt setting; XLA CPU steps may page-fault')
-  _applied = ok
-  return ok
+    return False
+  # Without this the step runs on a JAX dispatch thread, whose own arena maps big blocks anyway.
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.config.update('jax_cpu_enable_async_dispatch', False)
+  _applied = True
+  return True

@@ -444,7 +444,7 @@ def main(argv: list[str]) -> None:
   if _CONFIG.value is None or not _WORKDIR.value:
     raise app.UsageError('give --config=configs/<file>.py[:preset] and --workdir=DIR')
   quiet_library_logs()
-  host_memory.keep_freed_memory()  # if CLEANCLIP_KEEP_FREED_MEMORY=1; before JAX starts its threads
+  host_memory.keep_freed_memory()  # unless CLEANCLIP_KEEP_FREED_MEMORY=0; before JAX makes its CPU client
   distributed.initialize()
   try:
     summary = run(_CONFIG.value, _WORKDIR.value)
