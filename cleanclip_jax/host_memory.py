@@ -39,6 +39,8 @@ import logging
 import os
 import sys
 
+import jax
+
 # mallopt parameters (glibc malloc.h).
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
 _TOP_PAD_BYTES = 1 << 30
@@ -46,19 +48,14 @@ _TOP_PAD_BYTES = 1 << 30
 _applied = False
 
 
-def enabled() -> bool:
-  """False where CLEANCLIP_KEEP_FREED_MEMORY=0 opts out."""
-  return os.environ.get('CLEANCLIP_KEEP_FREED_MEMORY', '1') != '0'
-
-
-def keep_freed_memory(force: bool = False) -> bool:
-  """Applies the settings once per process unless opted out (`force` ignores the opt-out); True if
-  they are in effect. Call it before the first JAX computation: the dispatch setting is read
-  when JAX creates its CPU client, and the malloc settings act on later allocations."""
+def keep_freed_memory() -> bool:
+  """Applies the settings once per process unless CLEANCLIP_KEEP_FREED_MEMORY=0; True if they are
+  in effect. Call it before the first JAX computation: the dispatch setting is read when JAX
+  creates its CPU client, and the malloc settings act on later allocations."""
   global _applied
   if _applied:
     return True
-  if not (force or enabled()):
+  if os.environ.get('CLEANCLIP_KEEP_FREED_MEMORY', '1') == '0':
     return False
   if not sys.platform.startswith('linux'):
     return False
@@ -77,7 +74,6 @@ def keep_freed_memory(force: bool = False) -> bool:
     logging.warning('host_memory: glibc refused a mallopt setting; XLA CPU steps may page-fault')
     return False
   # Without this the step runs on a JAX dispatch thread, whose own arena maps big blocks anyway.
-  import jax  # pylint: disable=import-outside-toplevel
   jax.config.update('jax_cpu_enable_async_dispatch', False)
   _applied = True
   return True
