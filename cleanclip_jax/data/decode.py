@@ -65,16 +65,17 @@ def decode_image(record: dict[str, Any], *, max_pixels: int = MAX_PIXELS,
   while keeping both sides >= draft_size, so a later resize to that size loses nothing visible.
   Raises `BadImageError` for every unusable input.
   """
-  return np.asarray(decode_pil(record, max_pixels=max_pixels, draft_size=draft_size), np.uint8)
+  return np.asarray(decode_native(record, max_pixels=max_pixels, draft_size=draft_size), np.uint8)
 
 
-def decode_pil(record: dict[str, Any], *, max_pixels: int = MAX_PIXELS,
-               draft_size: int | None = None) -> Image.Image:
-  """`decode_image` as an RGB PIL image: the same pixels, for a caller that resizes next (a copy
-  into numpy and back costs ~100 us per 256 px image, 7% of decoding it)."""
+def decode_native(record: dict[str, Any], *, max_pixels: int = MAX_PIXELS,
+                  draft_size: int | None = None) -> np.ndarray | Image.Image:
+  """`decode_image`'s pixels in the form they come cheapest: an in-memory array as the uint8 RGB
+  array, encoded bytes as an RGB PIL image (for a caller that resizes next: a copy into numpy and
+  back costs ~100 us per 256 px image, 7% of decoding it)."""
   path = record.get('image_path', '') or ''
   if record.get('image') is not None:
-    return Image.fromarray(_array_to_rgb(record['image'], path))
+    return _array_to_rgb(record['image'], path)
   data = record.get('image_bytes')
   if data is None:
     data = _read_file(path)
@@ -83,12 +84,12 @@ def decode_pil(record: dict[str, Any], *, max_pixels: int = MAX_PIXELS,
   return _decode_bytes(bytes(data), path, max_pixels, draft_size)
 
 
-def decode_or_none(record: dict[str, Any], *, as_pil: bool = False,
+def decode_or_none(record: dict[str, Any], *, native: bool = False,
                    **kwargs) -> tuple[np.ndarray | Image.Image | None, BadImageError | None]:
-  """`decode_image` (`decode_pil` if `as_pil`) that returns `(image, None)` or `(None, error)`
+  """`decode_image` (`decode_native` if `native`) that returns `(image, None)` or `(None, error)`
   instead of raising."""
   try:
-    return (decode_pil if as_pil else decode_image)(record, **kwargs), None
+    return (decode_native if native else decode_image)(record, **kwargs), None
   except BadImageError as e:
     return None, e
 

@@ -246,7 +246,7 @@ def _load_image(source, index: int, image_size: int,
                          on_bad_image), None, None
   # Encoded images are decoded to PIL and resized there; in-memory arrays (the synthetic source)
   # stay arrays, uncopied when they are the right size already.
-  image, error = decode.decode_or_none(record, as_pil=record.get('image') is None, draft_size=image_size)
+  image, error = decode.decode_or_none(record, native=True, draft_size=image_size)
   if error is not None:
     return _fail_or_skip(error.reason, record, error.detail, on_bad_image), None, None
   return record, *_resize_center_crop(image, image_size)
