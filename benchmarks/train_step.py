@@ -5,11 +5,13 @@
 Runs on the current JAX backend (CPU here, one device) and on the CPU for PyTorch, with the same
 model (`bench-vit`: ViT 64px/8, width 256, 6 layers; text width 256, 6 layers, context 77), the same
 batch, AdamW and gradient clipping in both. After `--warmup` untimed steps each (the first
-compiles), the JAX CLIP step, the open_clip step, the JAX CleanCLIP step and the f32 2048^2 matmul
-are timed in alternation, `--steps` rounds, so a load change on a shared machine hits all of them;
+compiles), the JAX CLIP step, the JAX CleanCLIP step, the JAX CLIP step computing every row of the
+last blocks (`model.pooled_last_block=False`, the form before that change and open_clip's), the
+open_clip step and the f32 2048^2 matmul are timed in alternation, `--steps` rounds, so a load change on a shared machine hits all of them;
 each is reported as the median over rounds, in wall time and in process CPU time (CPU time
 discounts the time other processes hold the cores; with 1 thread it is the work itself). MFU =
-analytic FLOPs / step time over the matmul's FLOP/s measured with the same clock. Then the
+analytic FLOPs / step time over the matmul's FLOP/s measured with the same clock (the model's
+count for every implementation; the FLOPs the pooled step executes are printed beside it). Then the
 sharded-loss memory check: for the dense and the sharded CLIP loss, the per-device
 temp bytes XLA plans for the loss gradient at 4 and 8 emulated CPU devices with a fixed per-device
 batch (each in a subprocess, since the device count is fixed at JAX start-up). Last line: JSON.
@@ -43,6 +45,9 @@ def _parse_args(argv=None):
   parser.add_argument('--steps', type=int, default=5, help='timed rounds (medians reported)')
   parser.add_argument('--warmup', type=int, default=2, help='untimed steps first (compile, caches)')
   parser.add_argument('--skip-torch', action='store_true')
+  parser.add_argument('--skip-every-row', action='store_true',
+                      help='do not time the CLIP step with model.pooled_last_block=False (the '
+                           'in-run reference for what the pooled last blocks save)')
   parser.add_argument('--skip-memory', action='store_true')
   parser.add_argument('--memory-devices', default='4,8')
   parser.add_argument('--memory-batch-per-device', type=int, default=256)
@@ -87,7 +92,7 @@ class Timer:
 
 
 def build_jax_step(model_name: str, batch_size: int, objective: str, dtype: str = 'float32',
-                   attention: str = 'xla'):
+                   attention: str = 'xla', pooled_last_block: bool = True):
   """(step_fn, state, global_batch): the trainer's jitted step on one device, its fresh state and
   a synthetic batch already on the device (shared with `accelerator_step.py`)."""
   import jax
@@ -98,6 +103,7 @@ def build_jax_step(model_name: str, batch_size: int, objective: str, dtype: str 
   config.model.name = model_name
   config.model.dtype = dtype
   config.model.attention = attention
+  config.model.pooled_last_block = pooled_last_block
   config.batch_size = batch_size
   config.objective.name = objective
   config.mesh.data, config.mesh.fsdp = 1, 1
@@ -113,10 +119,11 @@ def build_jax_step(model_name: str, batch_size: int, objective: str, dtype: str 
   return step_fn, state, sharding.host_batch_to_global(batch, mesh)
 
 
-def jax_step_runner(args, objective: str):
+def jax_step_runner(args, objective: str, pooled_last_block: bool = True):
   """A no-argument callable running one jitted step for `objective` (state kept inside)."""
   import jax
-  step_fn, state, global_batch = build_jax_step(args.model, args.batch, objective)
+  step_fn, state, global_batch = build_jax_step(args.model, args.batch, objective,
+                                                pooled_last_block=pooled_last_block)
   holder = {'state': state}
 
   def run():
@@ -124,7 +131,8 @@ def jax_step_runner(args, objective: str):
     jax.block_until_ready(metrics)
   start = time.perf_counter()
   run()
-  print(f'jax {objective}: first step (compile + run) {time.perf_counter() - start:.1f}s', flush=True)
+  print(f'jax {objective}{"" if pooled_last_block else " (every row)"}: first step (compile + run) '
+        f'{time.perf_counter() - start:.1f}s', flush=True)
   for _ in range(max(0, args.warmup - 1)):
     run()
   return run
@@ -260,6 +268,8 @@ def main(argv=None):
         f'(affinity {sorted(os.sched_getaffinity(0))}), batch {args.batch}, model {args.model}, '
         f'host_memory.keep_freed_memory {"on" if kept else "off"}', flush=True)
   runners = {'clip': jax_step_runner(args, 'clip'), 'cleanclip': jax_step_runner(args, 'cleanclip')}
+  if not args.skip_every_row:
+    runners['clip_every_row'] = jax_step_runner(args, 'clip', pooled_last_block=False)
   if not args.skip_torch:
     runners['torch'] = torch_step_runner(args)
   runners['matmul'], matmul_flops = matmul_runner()
@@ -271,6 +281,7 @@ def main(argv=None):
   cfg = models.get_config(args.model)
   clip_flops = flops.train_flops_per_example(cfg, 'clip', global_batch=args.batch)
   clean_flops = flops.train_flops_per_example(cfg, 'cleanclip', global_batch=args.batch)
+  executed_flops = flops.train_flops_per_example(cfg, 'clip', global_batch=args.batch, executed=True)
   summary = {'threads': args.threads, 'batch': args.batch, 'keep_freed_memory': kept,
              'load_average': round(os.getloadavg()[0], 2)}
   for clock in ('wall', 'cpu'):
@@ -279,12 +290,19 @@ def main(argv=None):
     rate = args.batch / clip_time
     print(f'[{clock} time] f32 2048^2 matmul {peak / 1e9:.1f} GFLOP/s')
     print(f'[{clock} time] jax clip:      {clip_time * 1e3:.0f} ms/step, {rate:.2f} img/s, '
-          f'{clip_flops / 1e9:.2f} GFLOP/example, MFU {flops.mfu(clip_flops, rate, peak):.3f}')
+          f'{clip_flops / 1e9:.2f} GFLOP/example, MFU {flops.mfu(clip_flops, rate, peak):.3f} '
+          f'(executed {executed_flops / 1e9:.2f} GFLOP/example: {flops.mfu(executed_flops, rate, peak):.3f} of the peak)')
     print(f'[{clock} time] jax cleanclip: {clean_time * 1e3:.0f} ms/step, MFU '
           f'{flops.mfu(clean_flops, args.batch / clean_time, peak):.3f}, x{clean_time / clip_time:.2f} the clip step time')
     row = {'jax_img_per_s': round(rate, 2), 'mfu': round(flops.mfu(clip_flops, rate, peak), 4),
            'cleanclip_over_clip_time': round(clean_time / clip_time, 3),
-           'matmul_peak_gflops': round(peak / 1e9, 1)}
+           'matmul_peak_gflops': round(peak / 1e9, 1),
+           'executed_flops_utilisation': round(flops.mfu(executed_flops, rate, peak), 4)}
+    if 'clip_every_row' in runners:
+      every_rate = args.batch / timer.median('clip_every_row', clock)
+      print(f'[{clock} time] jax clip, every row (pooled_last_block=False): {every_rate:.2f} img/s, MFU '
+            f'{flops.mfu(clip_flops, every_rate, peak):.3f}; pooled / every row {rate / every_rate:.2f}')
+      row.update(every_row_img_per_s=round(every_rate, 2), pooled_over_every_row=round(rate / every_rate, 3))
     if 'torch' in runners:
       torch_rate = args.batch / timer.median('torch', clock)
       print(f'[{clock} time] open_clip (torch f32): {1e3 * args.batch / torch_rate:.0f} ms/step, {torch_rate:.2f} img/s, '

@@ -8,6 +8,11 @@ for the causal text tower (that is what the model computes). Convolutions count 
 padding included; XLA's cost analysis skips padded taps, which matters only for tiny feature maps
 (tiny-rn at 32 px: 14% fewer; ViTs: the count is within 5% of XLA's).
 
+The count is the model's, whatever the implementation skips: with `model.pooled_last_block` (the
+default) each transformer tower's last block computes only its pooled row, which executes fewer
+FLOPs than counted (`executed=True` counts those); MFU still credits the model's count, as it does
+for open_clip, which computes every row.
+
 MFU = achieved model FLOP/s / peak FLOP/s. On accelerators the peak is the datasheet figure; on
 CPU there is none, so `measure_matmul_peak()` times a jitted f32 2048x2048 matmul on the current
 backend and that serves as the denominator.
@@ -33,10 +38,22 @@ def transformer_forward_flops(tokens: int, width: int, layers: int, mlp_ratio: f
   return float(layers * (projections + attention + mlp))
 
 
-def vit_forward_flops(vision: VisionConfig, embed_dim: int) -> float:
+def pooled_last_block_saving(tokens: int, width: int, mlp_ratio: float) -> float:
+  """Forward FLOPs a tower's last block skips when it computes one pooled row of `tokens`: the
+  query and output projections, the scores and context, and the MLP of the other rows (their
+  keys and values are still needed)."""
+  hidden = int(width * mlp_ratio)
+  per_row = 2 * 2 * width * width + 2 * 2 * tokens * width + 2 * 2 * width * hidden
+  return float((tokens - 1) * per_row)
+
+
+def vit_forward_flops(vision: VisionConfig, embed_dim: int, executed: bool = False) -> float:
+  """`executed`: less what the pooled last block skips (the model's count otherwise)."""
   patches = (vision.image_size // vision.patch_size) ** 2
   patch_embed = 2 * patches * vision.patch_size ** 2 * 3 * vision.width
   blocks = transformer_forward_flops(patches + 1, vision.width, vision.layers, vision.mlp_ratio)
+  if executed:
+    blocks -= pooled_last_block_saving(patches + 1, vision.width, vision.mlp_ratio)
   return float(patch_embed + blocks + 2 * vision.width * embed_dim)
 
 
@@ -66,27 +83,33 @@ def resnet_forward_flops(vision: VisionConfig, embed_dim: int) -> float:
   return float(total)
 
 
-def image_forward_flops(config: ModelConfig) -> float:
+def image_forward_flops(config: ModelConfig, executed: bool = False) -> float:
   if config.vision.is_resnet:
     return resnet_forward_flops(config.vision, config.embed_dim)
-  return vit_forward_flops(config.vision, config.embed_dim)
+  return vit_forward_flops(config.vision, config.embed_dim, executed)
 
 
-def text_forward_flops(text: TextConfig, embed_dim: int) -> float:
+def text_forward_flops(text: TextConfig, embed_dim: int, executed: bool = False) -> float:
   blocks = transformer_forward_flops(text.context_length, text.width, text.layers, text.mlp_ratio)
+  if executed:
+    blocks -= pooled_last_block_saving(text.context_length, text.width, text.mlp_ratio)
   return float(blocks + 2 * text.width * embed_dim)
 
 
 def train_flops_per_example(config: ModelConfig, objective: str = 'clip', global_batch: int = 0,
-                            num_classes: int = 0, freeze_tower: bool = False) -> float:
+                            num_classes: int = 0, freeze_tower: bool = False,
+                            executed: bool = False) -> float:
   """Training FLOPs per example (forward + backward = 3x forward) for an objective.
+
+  `executed`: what a step with `model.pooled_last_block` computes (for a hardware-utilisation
+  figure); the default is the model's count, which MFU uses.
 
   cleanclip runs both towers on the original and the augmented view; the contrastive logits add
   2 * global_batch * embed_dim per example and logits matrix (1 for clip/siglip, 3 for cleanclip).
   A frozen tower (supervised) costs its forward only.
   """
-  image = image_forward_flops(config)
-  text = text_forward_flops(config.text, config.embed_dim)
+  image = image_forward_flops(config, executed)
+  text = text_forward_flops(config.text, config.embed_dim, executed)
   logits = 2 * global_batch * config.embed_dim
   if objective in ('clip', 'siglip'):
     return 3 * (image + text + logits)

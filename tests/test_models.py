@@ -146,6 +146,37 @@ def test_remat_gives_same_outputs(name, with_grads):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), grads_a, grads_b)
 
 
+def test_pooled_last_block_matches_every_row():
+  # The default computes only the pooled row (class token, EOT) in each tower's last block; the
+  # features and every gradient must be those of the full computation (what open_clip does).
+  pooled, params, _ = _build('tiny-vit')
+  assert pooled.pooled_last_block
+  full = models.create_model('tiny-vit', pooled_last_block=False, **SMALL['tiny-vit'])
+  images, tokens = _inputs(pooled, batch=4, seed=3)
+  tokens = np.asarray(tokens).copy()
+  tokens[3] = np.random.default_rng(4).integers(1, 49000, pooled.context_length)
+  tokens[3, 0], tokens[3, -1] = 49406, 49407  # EOT at the last position
+  tokens[2, 1:] = 0
+  tokens[2, 1] = 49407  # EOT right after SOT
+  tokens = jnp.asarray(tokens)
+
+  def loss(model, p):
+    img, txt, scale = model.apply({'params': p}, images, tokens)
+    return jnp.sum(jnp.exp(scale) * img @ txt.T * jnp.arange(1.0, 17.0).reshape(4, 4))
+
+  grad_fn = jax.jit(jax.value_and_grad(loss, argnums=1), static_argnums=0)
+  (value_a, grads_a), (value_b, grads_b) = grad_fn(full, params), grad_fn(pooled, params)
+  np.testing.assert_allclose(value_b, value_a, rtol=1e-6)
+  for a, b in zip(jax.jit(full.apply)({'params': params}, images, tokens)[:2],
+                  jax.jit(pooled.apply)({'params': params}, images, tokens)[:2]):
+    np.testing.assert_allclose(b, a, atol=1e-6)
+  scale = jax.tree.map(lambda g: float(np.max(np.abs(g))), grads_a)
+  # atol relative to each leaf's largest entry, with a floor for the key biases, whose true
+  # gradient is 0 (softmax ignores a constant per query): both sides are float noise (~3e-6).
+  jax.tree.map(lambda a, b, m: np.testing.assert_allclose(b, a, atol=1e-4 * m + 1e-5),
+               grads_a, grads_b, scale)
+
+
 @pytest.mark.parametrize('causal', [False, True])
 def test_fused_attention_matches_einsum_attention(causal):
   # The `jax.nn.dot_product_attention` path that model.attention=cudnn takes on a GPU, here with

@@ -161,8 +161,11 @@ def test_init_params_errors_name_the_path():
     train_step.create_train_state(config, model, mesh, jax.random.PRNGKey(0), init_params=params)
 
 
-def test_flops_match_xla_cost_analysis():
-  model = _clip_model()
+@pytest.mark.parametrize('pooled', [False, True])
+def test_flops_match_xla_cost_analysis(pooled):
+  # The model's count against the step that computes every row; the executed count against the
+  # pooled step (the default).
+  model = _clip_model().clone(pooled_last_block=pooled)
   variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, IMAGE, IMAGE, 3)),
                              jnp.zeros((1, CONTEXT), jnp.int32))
   params = models.unbox(variables)['params']
@@ -173,5 +176,7 @@ def test_flops_match_xla_cost_analysis():
   text_cost = jax.jit(lambda p, t: model.apply({'params': p}, t, method=model.encode_text)).lower(
       params, tokens).compile().cost_analysis()['flops'] / 2
   # XLA also counts elementwise work (norms, softmax, GELU): the matmul count is a bit lower.
-  assert 0.75 < flops.image_forward_flops(model.config) / image_cost <= 1.0
-  assert 0.75 < flops.text_forward_flops(model.config.text, model.config.embed_dim) / text_cost <= 1.0
+  assert 0.75 < flops.image_forward_flops(model.config, executed=pooled) / image_cost <= 1.0
+  assert 0.75 < flops.text_forward_flops(model.config.text, model.config.embed_dim, executed=pooled) / text_cost <= 1.0
+  if pooled:  # and the full count would be above XLA's for the pooled step
+    assert flops.text_forward_flops(model.config.text, model.config.embed_dim) > text_cost

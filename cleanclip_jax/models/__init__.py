@@ -30,18 +30,21 @@ _DTYPES = {'float32': jnp.float32, 'fp32': jnp.float32, 'bfloat16': jnp.bfloat16
 
 
 def create_model(name: str, dtype: Any = 'float32', remat: bool = False,
-                 context_length: int | None = None, attention: str = 'auto', **overrides) -> CLIP:
+                 context_length: int | None = None, attention: str = 'auto',
+                 pooled_last_block: bool = True, **overrides) -> CLIP:
   """The named CLIP (see `list_models()`); `dtype` is the compute dtype (params stay float32).
 
   `context_length` (None = the config's 77) and `overrides` (`image_size`, `vocab_size`,
   `embed_dim`, `quick_gelu`, `vision_<field>`, `text_<field>`) change the architecture;
   `attention` ('auto' | 'xla' | 'cudnn') picks the attention kernel, not the numbers it computes
   ('auto': cuDNN flash attention on a GPU with 16-bit compute, einsums elsewhere).
+  `pooled_last_block` (default on) computes only the pooled row in each transformer tower's last
+  block: the same features, fewer FLOPs; off computes every row, as open_clip does.
   """
   if context_length is not None:
     overrides['context_length'] = int(context_length)
   return CLIP(get_config(name, **overrides), dtype=resolve_dtype(dtype), remat=bool(remat),
-              attention=attention)
+              attention=attention, pooled_last_block=bool(pooled_last_block))
 
 
 def resolve_dtype(dtype: Any) -> jnp.dtype:

@@ -32,6 +32,9 @@ class CLIP(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
   attention: str = 'auto'  # the transformers' attention kernel (see transformer.MultiHeadAttention)
+  # Each transformer tower's last block computes only the row it pools (ViT: the class token,
+  # text: EOT): the same features with ~1/6 fewer FLOPs in a 6-layer tower (transformer.Transformer).
+  pooled_last_block: bool = True
 
   @property
   def image_size(self) -> int:
@@ -58,11 +61,11 @@ class CLIP(nn.Module):
     else:
       self.visual = VisionTransformer(vision.image_size, vision.patch_size, vision.width, vision.layers,
                                       vision.heads, cfg.embed_dim, vision.mlp_ratio, cfg.quick_gelu,
-                                      self.remat, dtype, self.attention)
+                                      self.remat, dtype, self.attention, self.pooled_last_block)
     text = cfg.text
     self.text = TextTransformer(text.context_length, text.vocab_size, text.width, text.layers,
                                 text.heads, cfg.embed_dim, text.mlp_ratio, cfg.quick_gelu,
-                                self.remat, dtype, self.attention)
+                                self.remat, dtype, self.attention, self.pooled_last_block)
     self.logit_scale = self.param(
         'logit_scale', partitioned(nn.initializers.constant(np.log(1 / 0.07)), *()), ())
 
