@@ -231,4 +231,6 @@ class Transformer(nn.Module):
       last = pool_at is not None and i == self.layers - 1
       x = block(self.num_heads, self.mlp_ratio, self.quick_gelu, self.causal, self.layers,
                 self.dtype, self.attention, name=f'resblocks_{i}')(x, pool_at if last else None)
+    if pool_at is not None and self.layers == 0:  # no block to pool in
+      x = jnp.take_along_axis(x, pool_at[:, None, None], axis=1)[:, 0]
     return x
