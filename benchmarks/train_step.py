@@ -7,7 +7,8 @@ model (`bench-vit`: ViT 64px/8, width 256, 6 layers; text width 256, 6 layers, c
 batch, AdamW and gradient clipping in both. After `--warmup` untimed steps each (the first
 compiles), the JAX CLIP step, the JAX CleanCLIP step, the JAX CLIP step computing every row of the
 last blocks (`model.pooled_last_block=False`, the form before that change and open_clip's), the
-open_clip step and the f32 2048^2 matmul are timed in alternation, `--steps` rounds, so a load change on a shared machine hits all of them;
+open_clip step and the f32 2048^2 matmul are timed in alternation, `--steps` rounds, so a load
+change on a shared machine hits all of them;
 each is reported as the median over rounds, in wall time and in process CPU time (CPU time
 discounts the time other processes hold the cores; with 1 thread it is the work itself). MFU =
 analytic FLOPs / step time over the matmul's FLOP/s measured with the same clock (the model's
@@ -291,7 +292,8 @@ def main(argv=None):
     print(f'[{clock} time] f32 2048^2 matmul {peak / 1e9:.1f} GFLOP/s')
     print(f'[{clock} time] jax clip:      {clip_time * 1e3:.0f} ms/step, {rate:.2f} img/s, '
           f'{clip_flops / 1e9:.2f} GFLOP/example, MFU {flops.mfu(clip_flops, rate, peak):.3f} '
-          f'(executed {executed_flops / 1e9:.2f} GFLOP/example: {flops.mfu(executed_flops, rate, peak):.3f} of the peak)')
+          f'(executed {executed_flops / 1e9:.2f} GFLOP/example: '
+          f'{flops.mfu(executed_flops, rate, peak):.3f} of the peak)')
     print(f'[{clock} time] jax cleanclip: {clean_time * 1e3:.0f} ms/step, MFU '
           f'{flops.mfu(clean_flops, args.batch / clean_time, peak):.3f}, x{clean_time / clip_time:.2f} the clip step time')
     row = {'jax_img_per_s': round(rate, 2), 'mfu': round(flops.mfu(clip_flops, rate, peak), 4),
@@ -302,7 +304,8 @@ def main(argv=None):
       every_rate = args.batch / timer.median('clip_every_row', clock)
       print(f'[{clock} time] jax clip, every row (pooled_last_block=False): {every_rate:.2f} img/s, MFU '
             f'{flops.mfu(clip_flops, every_rate, peak):.3f}; pooled / every row {rate / every_rate:.2f}')
-      row.update(every_row_img_per_s=round(every_rate, 2), pooled_over_every_row=round(rate / every_rate, 3))
+      row.update(every_row_img_per_s=round(every_rate, 2),
+                 pooled_over_every_row=round(rate / every_rate, 3))
     if 'torch' in runners:
       torch_rate = args.batch / timer.median('torch', clock)
       print(f'[{clock} time] open_clip (torch f32): {1e3 * args.batch / torch_rate:.0f} ms/step, {torch_rate:.2f} img/s, '
