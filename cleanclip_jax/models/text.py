@@ -21,7 +21,7 @@ class TextTransformer(nn.Module):
   remat: bool = False
   dtype: Dtype = jnp.float32
   attention: str = 'auto'
-  pooled_last_block: bool = True  # the last block computes the EOT row only (Transformer)
+  pooled_last_block: bool = True  # the last block computes the EOT row only (see Transformer)
 
   @nn.compact
   def __call__(self, tokens):
@@ -37,13 +37,9 @@ class TextTransformer(nn.Module):
     x = x + pos[:length]
     # The EOT token has the largest id, so argmax finds it (CLIP's convention).
     eot = jnp.argmax(tokens, axis=-1)
-    transformer = Transformer(self.layers, self.heads, self.mlp_ratio, self.quick_gelu, causal=True,
-                              remat=self.remat, dtype=self.dtype, attention=self.attention,
-                              name='transformer')
-    if self.pooled_last_block:
-      x = transformer(x, pool_at=eot)
-    else:
-      x = jnp.take_along_axis(transformer(x), eot[:, None, None], axis=1)[:, 0]
+    x = Transformer(self.layers, self.heads, self.mlp_ratio, self.quick_gelu, causal=True,
+                    remat=self.remat, dtype=self.dtype, attention=self.attention,
+                    pooled_last_block=self.pooled_last_block, name='transformer')(x, pool_at=eot)
     x = LayerNorm(name='ln_final')(x)  # per row: the same before or after pooling
     proj = self.param('text_projection', partitioned(normal(self.width ** -0.5), 'embed', None),
                       (self.width, self.output_dim))

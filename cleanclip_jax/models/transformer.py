@@ -209,11 +209,12 @@ class Transformer(nn.Module):
   activations in the backward pass (memory for FLOPs).
 
   `__call__(x, pool_at=None)`: x [B, T, W] -> [B, T, W]; with `pool_at` (int [B], the position each
-  sequence is pooled at) -> [B, W], that position's output only. Only the last block's output
-  rows are skipped (its query, attention output and MLP for T - 1 of the T rows); every earlier
-  row feeds the pooled one through attention. The pooled row is the same function of the inputs,
-  so towers that pool one token (ViT: the class token, text: EOT) lose nothing, and a 6-layer
-  tower runs ~14% fewer FLOPs.
+  sequence is pooled at) -> [B, W], that position's output only. With `pooled_last_block` the last
+  block computes just that row (its query, attention output and MLP for 1 of the T rows; every
+  row still feeds it through attention); otherwise every row is computed and the pooled one
+  taken after. The pooled row is the same function of the inputs either way, so towers that pool
+  one token (ViT: the class token, text: EOT) lose nothing, and a 6-layer tower runs ~14% fewer
+  FLOPs.
   """
   layers: int
   num_heads: int
@@ -223,14 +224,16 @@ class Transformer(nn.Module):
   remat: bool = False
   dtype: Dtype = jnp.float32
   attention: str = 'auto'
+  pooled_last_block: bool = True
 
   @nn.compact
   def __call__(self, x, pool_at=None):
     block = nn.remat(ResidualAttentionBlock) if self.remat else ResidualAttentionBlock
+    pool_in_block = pool_at is not None and self.pooled_last_block and self.layers > 0
     for i in range(self.layers):
-      last = pool_at is not None and i == self.layers - 1
+      last = pool_in_block and i == self.layers - 1
       x = block(self.num_heads, self.mlp_ratio, self.quick_gelu, self.causal, self.layers,
                 self.dtype, self.attention, name=f'resblocks_{i}')(x, pool_at if last else None)
-    if pool_at is not None and self.layers == 0:  # no block to pool in
+    if pool_at is not None and not pool_in_block:
       x = jnp.take_along_axis(x, pool_at[:, None, None], axis=1)[:, 0]
     return x

@@ -21,7 +21,7 @@ class VisionTransformer(nn.Module):
   remat: bool = False
   dtype: Dtype = jnp.float32
   attention: str = 'auto'
-  pooled_last_block: bool = True  # the last block computes the class token's row only (Transformer)
+  pooled_last_block: bool = True  # the last block computes the class token's row only (see Transformer)
 
   @nn.compact
   def __call__(self, images):
@@ -40,13 +40,10 @@ class VisionTransformer(nn.Module):
     pos = self.param('positional_embedding', partitioned(normal(scale), None, 'embed'),
                      (x.shape[1], self.width))
     x = LayerNorm(name='ln_pre')(x + pos)
-    transformer = Transformer(self.layers, self.heads, self.mlp_ratio, self.quick_gelu, causal=False,
-                              remat=self.remat, dtype=self.dtype, attention=self.attention,
-                              name='transformer')
-    if self.pooled_last_block:
-      x = transformer(x, pool_at=jnp.zeros((batch,), jnp.int32))
-    else:
-      x = transformer(x)[:, 0]
+    x = Transformer(self.layers, self.heads, self.mlp_ratio, self.quick_gelu, causal=False,
+                    remat=self.remat, dtype=self.dtype, attention=self.attention,
+                    pooled_last_block=self.pooled_last_block,
+                    name='transformer')(x, pool_at=jnp.zeros((batch,), jnp.int32))  # the class token
     x = LayerNorm(name='ln_post')(x)
     proj = self.param('proj', partitioned(normal(scale), 'embed', None), (self.width, self.output_dim))
     return jnp.dot(x.astype(self.dtype), proj.astype(self.dtype),
