@@ -29,31 +29,30 @@ import numpy as np
 from cleanclip_jax.models.registry import ModelConfig, TextConfig, VisionConfig
 
 
-def transformer_forward_flops(tokens: int, width: int, layers: int, mlp_ratio: float) -> float:
-  """Pre-LN blocks: q/k/v/out projections, scores and context, and the 2-layer MLP."""
+def transformer_forward_flops(tokens: int, width: int, layers: int, mlp_ratio: float,
+                              pooled_last_block: bool = False) -> float:
+  """Pre-LN blocks: q/k/v/out projections, scores and context, and the 2-layer MLP.
+
+  `pooled_last_block`: the last block computes one pooled row; the other rows' query and output
+  projections, scores, context and MLP are not run there (their keys and values still are).
+  """
   hidden = int(width * mlp_ratio)
   projections = 4 * 2 * tokens * width * width
   attention = 2 * 2 * tokens * tokens * width
   mlp = 2 * 2 * tokens * width * hidden
-  return float(layers * (projections + attention + mlp))
-
-
-def pooled_last_block_saving(tokens: int, width: int, mlp_ratio: float) -> float:
-  """Forward FLOPs a tower's last block skips when it computes one pooled row of `tokens`: the
-  query and output projections, the scores and context, and the MLP of the other rows (their
-  keys and values are still needed)."""
-  hidden = int(width * mlp_ratio)
-  per_row = 2 * 2 * width * width + 2 * 2 * tokens * width + 2 * 2 * width * hidden
-  return float((tokens - 1) * per_row)
+  total = layers * (projections + attention + mlp)
+  if pooled_last_block and layers > 0:
+    per_row = 2 * 2 * width * width + 2 * 2 * tokens * width + 2 * 2 * width * hidden
+    total -= (tokens - 1) * per_row
+  return float(total)
 
 
 def vit_forward_flops(vision: VisionConfig, embed_dim: int, executed: bool = False) -> float:
   """`executed`: less what the pooled last block skips (the model's count otherwise)."""
   patches = (vision.image_size // vision.patch_size) ** 2
   patch_embed = 2 * patches * vision.patch_size ** 2 * 3 * vision.width
-  blocks = transformer_forward_flops(patches + 1, vision.width, vision.layers, vision.mlp_ratio)
-  if executed:
-    blocks -= pooled_last_block_saving(patches + 1, vision.width, vision.mlp_ratio)
+  blocks = transformer_forward_flops(patches + 1, vision.width, vision.layers, vision.mlp_ratio,
+                                     pooled_last_block=executed)
   return float(patch_embed + blocks + 2 * vision.width * embed_dim)
 
 
@@ -90,9 +89,8 @@ def image_forward_flops(config: ModelConfig, executed: bool = False) -> float:
 
 
 def text_forward_flops(text: TextConfig, embed_dim: int, executed: bool = False) -> float:
-  blocks = transformer_forward_flops(text.context_length, text.width, text.layers, text.mlp_ratio)
-  if executed:
-    blocks -= pooled_last_block_saving(text.context_length, text.width, text.mlp_ratio)
+  blocks = transformer_forward_flops(text.context_length, text.width, text.layers, text.mlp_ratio,
+                                     pooled_last_block=executed)
   return float(blocks + 2 * text.width * embed_dim)
 
 
