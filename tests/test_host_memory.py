@@ -23,15 +23,16 @@ _CHILD = textwrap.dedent('''
     x = jnp.arange(24 << 20, dtype=jnp.float32) / 1e6
     for _ in range(6):  # the heap grows to its working size over the first calls
       f(x).block_until_ready()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    faults = []  # per call
     for _ in range(6):
+      before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       f(x).block_until_ready()
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    print(applied, faults)
+      faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    print(applied, ','.join(map(str, faults)))
 ''')
 
 
-def _faults(keep: bool) -> tuple[bool, int]:
+def _faults(keep: bool) -> tuple[bool, list[int]]:
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1')
   env.pop('CLEANCLIP_KEEP_FREED_MEMORY', None)
   if not keep:
@@ -39,7 +40,7 @@ def _faults(keep: bool) -> tuple[bool, int]:
   out = subprocess.run([sys.executable, '-c', _CHILD], env=env, capture_output=True, text=True,
                        timeout=300, check=True)
   applied, faults = out.stdout.split()[-2:]
-  return applied == 'True', int(faults)
+  return applied == 'True', [int(f) for f in faults.split(',')]
 
 
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc malloc settings')
@@ -48,8 +49,13 @@ def test_repeated_steps_stop_faulting_pages_in():
   off, faults_off = _faults(keep=False)
   assert applied and not off
   # Without: each call maps its temporaries afresh (measured ~98k faults of 4 KB pages a call).
-  assert faults_off > 6 * 20_000, faults_off
-  # With: the calls run on the main thread and reuse its kept heap. Measured 0 in 5 runs of 5
-  # (the one-arena form this replaced grew its heap now and then, when the runtime freed a call's
-  # temporaries on its own thread after the next call had allocated); a few stray pages allowed.
-  assert faults <= 1_000, (faults, faults_off)
+  assert sum(faults_off) > 6 * 20_000, faults_off
+  # With: the calls run on the main thread and reuse its kept heap: measured 0 a call, a few stray
+  # pages allowed. The heap is kept, not frozen: with other processes busy on the same CPUs, about
+  # 1 run in 30 has one call grow it, once (measured: 73,728 pages at the second of six calls, 0 at
+  # the others; 49,152 in a full fresh-clone suite), presumably when the runtime freed the previous
+  # call's temporaries only after this call allocated its own. So one call of the six may grow it,
+  # by less than two calls' worth of the faults without the settings; the other five must not.
+  steady = sorted(faults)[:-1]
+  assert max(steady) <= 1_000, (faults, faults_off)
+  assert max(faults) < 2 * max(faults_off), (faults, faults_off)
