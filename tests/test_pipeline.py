@@ -11,7 +11,7 @@ from PIL import Image
 
 from cleanclip_jax import config as config_lib
 from cleanclip_jax import tokenizer as tokenizer_lib
-from cleanclip_jax.data import augment, pipeline, poison, synthetic
+from cleanclip_jax.data import augment, pipeline, poison, seeding, synthetic
 
 SIZE = 16
 CONTEXT = 12
@@ -91,7 +91,7 @@ def test_inmodal_view_from_the_resized_pil_image_is_unchanged():
     out = example(step)
     epoch, index = plan(step)
     assert out['image'].shape == (32, 32, 3)
-    expected = augment.autoaugment(np.array(out['image']), np.random.default_rng([config.seed, epoch, index, 2]))
+    expected = augment.autoaugment(np.array(out["image"]), seeding.example_random(config.seed, epoch, index, 2))
     np.testing.assert_array_equal(out['aug_image'], expected, err_msg=str(step))
     changed += not np.array_equal(out['aug_image'], out['image'])
   assert changed > 30

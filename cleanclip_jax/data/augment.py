@@ -5,8 +5,10 @@
     crop = random_resized_crop(image, rng, size=224)   # Inception-style crop, bicubic resize
     image = random_horizontal_flip(image, rng)
 
-All functions are pure given `rng` (a `np.random.Generator`), numpy/PIL only (they run in grain
-workers), and take and return uint8 [H, W, 3] arrays / str.
+All functions are pure given `rng`, numpy/PIL only (they run in grain workers), and take and
+return uint8 [H, W, 3] arrays / str. `rng` is a `np.random.Generator` or the pipeline's
+`seeding.ExampleRandom`: only scalar `random()`, `integers`, `uniform` and `shuffle` are drawn, which
+both provide.
 """
 
 from __future__ import annotations
@@ -17,10 +19,14 @@ import math
 import os
 import re
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageFilter
+
+from cleanclip_jax.data import seeding
+
+Rng = Union[np.random.Generator, seeding.ExampleRandom]
 
 # --- AutoAugment (Cubuk et al., 2019) --------------------------------------------------------------
 
@@ -320,7 +326,7 @@ def _check_image(image: np.ndarray, where: str) -> np.ndarray:
   return image
 
 
-def autoaugment(image: np.ndarray, rng: np.random.Generator, policy: Sequence = IMAGENET_POLICY,
+def autoaugment(image: np.ndarray, rng: Rng, policy: Sequence = IMAGENET_POLICY,
                 *, pil_image: Image.Image | None = None) -> np.ndarray:
   """One random sub-policy of AutoAugment applied to a uint8 [H, W, 3] image.
 
@@ -332,9 +338,9 @@ def autoaugment(image: np.ndarray, rng: np.random.Generator, policy: Sequence = 
     raise ValueError(f'autoaugment: pil_image is {pil_image.mode} {pil_image.size}, the image is RGB '
                      f'{image.shape[1::-1]}')
   sub_policy = policy[int(rng.integers(len(policy)))]
-  # One call for the probability draws and the signs: the same doubles as two calls, in order.
-  uniform = rng.random(2 * len(sub_policy))
-  draws, signs = uniform[:len(sub_policy)], uniform[len(sub_policy):] < 0.5
+  # The probability draws, then the signs (numpy's `random(n)` gives the same doubles in order).
+  draws = [rng.random() for _ in sub_policy]
+  signs = [rng.random() < 0.5 for _ in sub_policy]
   height, width = image.shape[:2]
   ops = []
   for (op, probability, bin_index), draw, negate in zip(sub_policy, draws, signs):
@@ -350,7 +356,7 @@ def autoaugment(image: np.ndarray, rng: np.random.Generator, policy: Sequence = 
 # --- crops and flips -------------------------------------------------------------------------------
 
 
-def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
+def random_resized_crop(image: np.ndarray, rng: Rng, size: int,
                         scale: tuple[float, float] = (0.08, 1.0),
                         ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
   """A crop of random area fraction `scale` and aspect `ratio`, resized (bicubic) to size x size."""
@@ -375,7 +381,7 @@ def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
   return np.asarray(crop, np.uint8)
 
 
-def random_horizontal_flip(image: np.ndarray, rng: np.random.Generator, probability: float = 0.5) -> np.ndarray:
+def random_horizontal_flip(image: np.ndarray, rng: Rng, probability: float = 0.5) -> np.ndarray:
   image = _check_image(image, 'random_horizontal_flip')
   return np.ascontiguousarray(image[:, ::-1]) if rng.random() < probability else image
 
@@ -488,7 +494,9 @@ def _random_swap(words, rng, n, synonyms):
   for _ in range(n):
     if len(out) < 2:
       break
-    i, j = rng.choice(len(out), 2, replace=False)
+    i = int(rng.integers(len(out)))
+    j = int(rng.integers(len(out) - 1))  # a second, different position
+    j += j >= i
     out[i], out[j] = out[j], out[i]
   return out
 
@@ -504,7 +512,7 @@ def _random_deletion(words, rng, alpha, synonyms):
 EDA_OPERATIONS = ('synonym_replacement', 'random_insertion', 'random_swap', 'random_deletion')
 
 
-def eda(caption: str, rng: np.random.Generator, alpha: float = 0.1,
+def eda(caption: str, rng: Rng, alpha: float = 0.1,
         synonyms: SynonymFn | None = None) -> str:
   """One EDA operation, chosen at random, on a caption; never empties a non-empty caption.
 

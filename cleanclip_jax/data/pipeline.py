@@ -322,8 +322,8 @@ class TrainExample:
     from cleanclip_jax.data import triggers  # pylint: disable=g-import-not-at-top
     return triggers.make_trigger(self.poison_cfg.trigger, self.image_size)
 
-  def _rng(self, epoch: int, index: int, stage: int) -> np.random.Generator:
-    return seeding.example_generator(self.seed, epoch, index, stage)
+  def _rng(self, epoch: int, index: int, stage: int) -> seeding.ExampleRandom:
+    return seeding.example_random(self.seed, epoch, index, stage)
 
   def __call__(self, step: int) -> dict[str, Any]:
     epoch, index = self.plan(step)
