@@ -91,7 +91,7 @@ def test_inmodal_view_from_the_resized_pil_image_is_unchanged():
     out = example(step)
     epoch, index = plan(step)
     assert out['image'].shape == (32, 32, 3)
-    expected = augment.autoaugment(np.array(out["image"]), seeding.example_random(config.seed, epoch, index, 2))
+    expected = augment.autoaugment(np.array(out['image']), seeding.example_random(config.seed, epoch, index, 2))
     np.testing.assert_array_equal(out['aug_image'], expected, err_msg=str(step))
     changed += not np.array_equal(out['aug_image'], out['image'])
   assert changed > 30
