@@ -16,8 +16,9 @@ SHA-512 before seeding. The hash matters: seeded with the key as one integer, th
 (0, 0, 2, 3) and (0, 1, 2, 3) (words [3], [3, 2], [3, 2, 1]) would share one stream.
 
 Only `random()` is drawn from, and the numpy-style helpers below derive everything from it: Python
-keeps `random()`'s sequence for a given seed across versions, which it does not promise for
-`randrange`, `shuffle` or `choice`.
+promises that `random()` keeps its sequence for a given seed across versions (offering the old
+seeder, should the default one change), which it does not promise for `randrange`, `shuffle` or
+`choice`.
 """
 
 from __future__ import annotations
