@@ -106,6 +106,18 @@ def test_ftfy_fast_path_is_exact():
   assert not tokenizer._ftfy_is_identity('line\r\nbreak')  # pylint: disable=protected-access
 
 
+def test_byte_level_form_matches_the_byte_table():
+  # `_byte_level` returns printable ASCII pieces as they are: the same string the table gives.
+  tok = tokenizer.get_tokenizer()
+  table = tokenizer.bytes_to_unicode()
+  rng = np.random.default_rng(0)
+  pieces = [chr(b) for b in range(128)] + ['a b', 'caf\u00e9', '\U0001f34c', 'x\x7fy', 'tab\there']
+  pieces += [''.join(chr(c) for c in rng.integers(0, 128, rng.integers(1, 12))) for _ in range(500)]
+  for piece in pieces:
+    expected = ''.join(table[b] for b in piece.encode('utf-8'))
+    assert tok._byte_level(piece) == expected, repr(piece)  # pylint: disable=protected-access
+
+
 def test_repeated_captions_give_the_same_ids():
   tok = tokenizer.Tokenizer()
   first = tok(CAPTIONS, 77)
