@@ -118,6 +118,20 @@ def test_byte_level_form_matches_the_byte_table():
     assert tok._byte_level(piece) == expected, repr(piece)  # pylint: disable=protected-access
 
 
+def test_ascii_split_is_clip_s_split():
+  # Printable-ASCII captions are split by the standard library's engine with ASCII classes; it
+  # must cut them exactly where CLIP's Unicode pattern (the `regex` module) does.
+  tok = tokenizer.get_tokenizer()
+  rng = np.random.default_rng(1)
+  alphabet = [chr(c) for c in range(32, 127)] + ["'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'S",
+                                                 '<start_of_text>', '<end_of_text>', '<END_OF_TEXT>', '  ']
+  texts = [''.join(rng.choice(alphabet, rng.integers(0, 60))) for _ in range(2000)]
+  texts += [c for c in CAPTIONS if c.isascii()] + [tokenizer.clean(c) for c in CAPTIONS]
+  for text in texts:
+    if text.isascii() and text.isprintable():
+      assert tok._ascii_pattern.findall(text) == tok._pattern.findall(text), repr(text)  # pylint: disable=protected-access
+
+
 def test_repeated_captions_give_the_same_ids():
   tok = tokenizer.Tokenizer()
   first = tok(CAPTIONS, 77)
