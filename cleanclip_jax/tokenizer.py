@@ -141,17 +141,8 @@ class Tokenizer:
   def _encode_uncached(self, text: str) -> list[int]:
     """Ids of a cleaned caption (no caption cache)."""
     ids = []
-    if text.isascii() and text.isprintable():
-      # Each pre-token is printable ASCII without spaces, i.e. its own byte-level form, and so the
-      # key of its BPE cache entry.
-      bpe_cache = self._cache
-      for piece in self._ascii_pattern.findall(text):
-        if piece in (SOT, EOT):
-          ids.append(self.encoder[piece])
-        else:
-          ids.extend(bpe_cache.get(piece) or self._bpe(piece))
-      return ids
-    for piece in self._pattern.findall(text):
+    pattern = self._ascii_pattern if text.isascii() and text.isprintable() else self._pattern
+    for piece in pattern.findall(text):
       if piece in (SOT, EOT):
         ids.append(self.encoder[piece])
       else:
