@@ -99,7 +99,7 @@ class Tokenizer:
         f'{SOT}|{EOT}' + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
         regex.IGNORECASE)
     # The same split for printable ASCII, where \p{L} and \p{N} are [A-Za-z] and [0-9]: the
-    # standard library's engine runs it in ~40% of the time `regex` takes (most captions).
+    # standard library's engine runs it in ~40% of the time `regex` takes (most captions are ASCII).
     self._ascii_pattern = re.compile(
         f'{SOT}|{EOT}' + r"""|'s|'t|'re|'ve|'m|'ll|'d|[A-Za-z]+|[0-9]|[^\sA-Za-z0-9]+""", re.IGNORECASE)
     self._cache: dict[str, tuple[int, ...]] = {}

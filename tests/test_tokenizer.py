@@ -118,7 +118,7 @@ def test_byte_level_form_matches_the_byte_table():
     assert tok._byte_level(piece) == expected, repr(piece)  # pylint: disable=protected-access
 
 
-def test_ascii_split_is_clip_s_split():
+def test_ascii_split_matches_clip_pattern():
   # Printable-ASCII captions are split by the standard library's engine with ASCII classes; it
   # must cut them exactly where CLIP's Unicode pattern (the `regex` module) does.
   tok = tokenizer.get_tokenizer()
