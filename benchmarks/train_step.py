@@ -12,7 +12,12 @@ change on a shared machine hits all of them;
 each is reported as the median over rounds, in wall time and in process CPU time (CPU time
 discounts the time other processes hold the cores; with 1 thread it is the work itself). MFU =
 analytic FLOPs / step time over the matmul's FLOP/s measured with the same clock (the model's
-count for every implementation; the FLOPs the pooled step executes are printed beside it). Then the
+count for every implementation; the FLOPs the pooled step executes are printed beside it).
+Captions are 6..76 tokens by default, so a batch needs nearly all 77 columns; with
+`--max-caption-tokens N` they are shorter and the JAX steps are fed the columns the trainer's
+`data.token_bucket` cut leaves (open_clip always computes all 77): MFU is then also printed for the
+model's FLOPs at the columns fed (`mfu_at_columns_fed`), since the full count would credit the
+skipped columns. Then the
 sharded-loss memory check: for the dense and the sharded CLIP loss, the per-device
 temp bytes XLA plans for the loss gradient at 4 and 8 emulated CPU devices with a fixed per-device
 batch (each in a subprocess, since the device count is fixed at JAX start-up). Last line: JSON.
@@ -49,6 +54,12 @@ def _parse_args(argv=None):
   parser.add_argument('--skip-every-row', action='store_true',
                       help='do not time the CLIP step with model.pooled_last_block=False (the '
                            'in-run reference for what the pooled last blocks save)')
+  parser.add_argument('--max-caption-tokens', type=int, default=0,
+                      help='captions (SOT and EOT included) are 6..N tokens long, uniformly; '
+                           '0 = context - 1 (76 for bench-vit: every batch needs nearly all columns)')
+  parser.add_argument('--token-bucket', type=int, default=16,
+                      help="the JAX steps' data.token_bucket (0: every batch keeps all context "
+                           'columns, as open_clip feeds them)')
   parser.add_argument('--skip-memory', action='store_true')
   parser.add_argument('--memory-devices', default='4,8')
   parser.add_argument('--memory-batch-per-device', type=int, default=256)
@@ -62,11 +73,17 @@ def _pin_threads(threads: int) -> None:
   os.sched_setaffinity(0, set(available[:max(1, threads)]))
 
 
-def _synthetic_batch(batch: int, image_size: int, context: int, seed: int = 0):
+def _synthetic_batch(batch: int, image_size: int, context: int, seed: int = 0,
+                     max_caption_tokens: int = 0):
+  """Random images and captions of 6..`max_caption_tokens` tokens (0: context - 1), padded to
+  `context` as open_clip's tokenizer pads them."""
   import numpy as np
   rng = np.random.default_rng(seed)
   tokens = np.zeros((batch, context), np.int32)
-  lengths = rng.integers(5, context - 1, batch)
+  longest = max_caption_tokens or context - 1
+  if not 6 <= longest <= context:
+    raise SystemExit(f'--max-caption-tokens {max_caption_tokens}: use 6..{context}')
+  lengths = rng.integers(5, longest, batch)  # EOT positions
   for i, length in enumerate(lengths):
     tokens[i, 0] = 49406  # SOT
     tokens[i, 1:length] = rng.integers(1, 49000, length - 1)
@@ -93,12 +110,14 @@ class Timer:
 
 
 def build_jax_step(model_name: str, batch_size: int, objective: str, dtype: str = 'float32',
-                   attention: str = 'xla', pooled_last_block: bool = True):
+                   attention: str = 'xla', pooled_last_block: bool = True, token_bucket: int = 0,
+                   max_caption_tokens: int = 0):
   """(step_fn, state, global_batch): the trainer's jitted step on one device, its fresh state and
-  a synthetic batch already on the device (shared with `accelerator_step.py`)."""
+  a synthetic batch already on the device, its tokens cut as the trainer cuts them with
+  `data.token_bucket` (shared with `accelerator_step.py`)."""
   import jax
   from cleanclip_jax import config as config_lib
-  from cleanclip_jax import sharding, train_step
+  from cleanclip_jax import sharding, text_length, train_step
 
   config = config_lib.base_config()
   config.model.name = model_name
@@ -114,9 +133,11 @@ def build_jax_step(model_name: str, batch_size: int, objective: str, dtype: str 
   model = train_step.model_for_config(config)
   state, shardings = train_step.create_train_state(config, model, mesh, jax.random.PRNGKey(0))
   step_fn = train_step.make_train_step(config, model, mesh, shardings)
-  batch = _synthetic_batch(batch_size, model.image_size, model.context_length)
+  batch = _synthetic_batch(batch_size, model.image_size, model.context_length,
+                           max_caption_tokens=max_caption_tokens)
   if objective != 'cleanclip':
     batch = {k: v for k, v in batch.items() if not k.startswith('aug_')}
+  batch = text_length.trim_tokens(batch, token_bucket)
   return step_fn, state, sharding.host_batch_to_global(batch, mesh)
 
 
@@ -124,7 +145,9 @@ def jax_step_runner(args, objective: str, pooled_last_block: bool = True):
   """A no-argument callable running one jitted step for `objective` (state kept inside)."""
   import jax
   step_fn, state, global_batch = build_jax_step(args.model, args.batch, objective,
-                                                pooled_last_block=pooled_last_block)
+                                                pooled_last_block=pooled_last_block,
+                                                token_bucket=args.token_bucket,
+                                                max_caption_tokens=args.max_caption_tokens)
   holder = {'state': state}
 
   def run():
@@ -187,7 +210,8 @@ def torch_step_runner(args):
   model.train()
   optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
   loss_fn = open_clip.ClipLoss()
-  batch = _synthetic_batch(args.batch, cfg.vision.image_size, cfg.text.context_length)
+  batch = _synthetic_batch(args.batch, cfg.vision.image_size, cfg.text.context_length,
+                           max_caption_tokens=args.max_caption_tokens)
   images_u8 = torch.from_numpy(batch['image']).permute(0, 3, 1, 2).contiguous()
   tokens = torch.from_numpy(batch['tokens']).long()
   mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
@@ -280,25 +304,40 @@ def main(argv=None):
       timer.time(name, run)
 
   cfg = models.get_config(args.model)
+  # The columns the JAX steps were fed (as build_jax_step cuts them); open_clip gets them all.
+  from cleanclip_jax import text_length
+  length = text_length.trim_tokens(
+      _synthetic_batch(args.batch, cfg.vision.image_size, cfg.text.context_length,
+                       max_caption_tokens=args.max_caption_tokens), args.token_bucket)['tokens'].shape[1]
   clip_flops = flops.train_flops_per_example(cfg, 'clip', global_batch=args.batch)
-  clean_flops = flops.train_flops_per_example(cfg, 'cleanclip', global_batch=args.batch)
-  executed_flops = flops.train_flops_per_example(cfg, 'clip', global_batch=args.batch, executed=True)
+  clean_flops = flops.train_flops_per_example(cfg, 'cleanclip', global_batch=args.batch,
+                                              text_length=length)
+  cut_flops = flops.train_flops_per_example(cfg, 'clip', global_batch=args.batch, text_length=length)
+  executed_flops = flops.train_flops_per_example(cfg, 'clip', global_batch=args.batch, executed=True,
+                                                 text_length=length)
+  print(f'captions of 6..{args.max_caption_tokens or cfg.text.context_length - 1} tokens; the JAX '
+        f'steps are fed {length} of {cfg.text.context_length} token columns '
+        f'(token_bucket {args.token_bucket}), open_clip all {cfg.text.context_length}')
   summary = {'threads': args.threads, 'batch': args.batch, 'keep_freed_memory': kept,
-             'load_average': round(os.getloadavg()[0], 2)}
+             'load_average': round(os.getloadavg()[0], 2),
+             'max_caption_tokens': args.max_caption_tokens or cfg.text.context_length - 1,
+             'token_columns': length}
   for clock in ('wall', 'cpu'):
     peak = matmul_flops / timer.median('matmul', clock)
     clip_time, clean_time = timer.median('clip', clock), timer.median('cleanclip', clock)
     rate = args.batch / clip_time
     print(f'[{clock} time] f32 2048^2 matmul {peak / 1e9:.1f} GFLOP/s')
     print(f'[{clock} time] jax clip:      {clip_time * 1e3:.0f} ms/step, {rate:.2f} img/s, '
-          f'{clip_flops / 1e9:.2f} GFLOP/example, MFU {flops.mfu(clip_flops, rate, peak):.3f} '
-          f'(executed {executed_flops / 1e9:.2f} GFLOP/example: '
+          f'{clip_flops / 1e9:.2f} GFLOP/example (all {cfg.text.context_length} columns, as open_clip '
+          f'runs them), MFU {flops.mfu(clip_flops, rate, peak):.3f}; at the {length} columns fed {cut_flops / 1e9:.2f} GFLOP/example, MFU '
+          f'{flops.mfu(cut_flops, rate, peak):.3f} (executed {executed_flops / 1e9:.2f} GFLOP/example: '
           f'{flops.mfu(executed_flops, rate, peak):.3f} of the peak)')
     print(f'[{clock} time] jax cleanclip: {clean_time * 1e3:.0f} ms/step, MFU '
           f'{flops.mfu(clean_flops, args.batch / clean_time, peak):.3f}, x{clean_time / clip_time:.2f} the clip step time')
     row = {'jax_img_per_s': round(rate, 2), 'mfu': round(flops.mfu(clip_flops, rate, peak), 4),
            'cleanclip_over_clip_time': round(clean_time / clip_time, 3),
            'matmul_peak_gflops': round(peak / 1e9, 1),
+           'mfu_at_columns_fed': round(flops.mfu(cut_flops, rate, peak), 4),
            'executed_flops_utilisation': round(flops.mfu(executed_flops, rate, peak), 4)}
     if 'clip_every_row' in runners:
       every_rate = args.batch / timer.median('clip_every_row', clock)

@@ -91,6 +91,10 @@ def data_config() -> ConfigDict:
       'image_size': 224,
       'train_transform': 'center_crop',  # center_crop | random_resized_crop
       'inmodal_views': False,  # also yield aug_image / aug_tokens (CleanCLIP)
+      # The trainer cuts each batch's tokens after its longest caption (EOT), rounded up to a
+      # multiple of this: the same loss and gradients, less text-tower work; each length used
+      # compiles once (see text_length.py). 0 = always model.context_length (one fixed shape).
+      'token_bucket': 16,
       'num_workers': 0,
       'prefetch_buffer': 2,
       'shuffle': True,
@@ -261,6 +265,8 @@ def validate(config: ConfigDict, num_devices: int) -> None:
     raise ConfigError(f'objective.name={config.objective.name!r}: use clip, cleanclip, siglip or supervised')
   if config.data.source in ('csv', 'array_record') and not config.data.path:
     raise ConfigError(f'data.source={config.data.source!r} needs --config.data.path=PATH')
+  if int(config.data.token_bucket) < 0:
+    raise ConfigError(f'data.token_bucket={config.data.token_bucket}: use 0 (off) or a positive length multiple')
   if config.on_nan not in ('stop', 'skip'):
     raise ConfigError(f'on_nan={config.on_nan!r}: use stop or skip')
   from cleanclip_jax import models  # pylint: disable=import-outside-toplevel (jax, flax)

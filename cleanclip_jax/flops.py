@@ -88,26 +88,29 @@ def image_forward_flops(config: ModelConfig, executed: bool = False) -> float:
   return vit_forward_flops(config.vision, config.embed_dim, executed)
 
 
-def text_forward_flops(text: TextConfig, embed_dim: int, executed: bool = False) -> float:
-  blocks = transformer_forward_flops(text.context_length, text.width, text.layers, text.mlp_ratio,
-                                     pooled_last_block=executed)
+def text_forward_flops(text: TextConfig, embed_dim: int, executed: bool = False,
+                       length: int = 0) -> float:
+  """`length`: the token columns fed to the tower (`data.token_bucket` cuts them); 0 = the context."""
+  blocks = transformer_forward_flops(length or text.context_length, text.width, text.layers,
+                                     text.mlp_ratio, pooled_last_block=executed)
   return float(blocks + 2 * text.width * embed_dim)
 
 
 def train_flops_per_example(config: ModelConfig, objective: str = 'clip', global_batch: int = 0,
                             num_classes: int = 0, freeze_tower: bool = False,
-                            executed: bool = False) -> float:
+                            executed: bool = False, text_length: int = 0) -> float:
   """Training FLOPs per example (forward + backward = 3x forward) for an objective.
 
   `executed`: what a step with `model.pooled_last_block` computes (for a hardware-utilisation
-  figure); the default is the model's count, which MFU uses.
+  figure); the default is the model's count, which MFU uses. `text_length`: the token columns the
+  step is fed (0 = the context length; `data.token_bucket` cuts batches shorter).
 
   cleanclip runs both towers on the original and the augmented view; the contrastive logits add
   2 * global_batch * embed_dim per example and logits matrix (1 for clip/siglip, 3 for cleanclip).
   A frozen tower (supervised) costs its forward only.
   """
   image = image_forward_flops(config, executed)
-  text = text_forward_flops(config.text, config.embed_dim, executed)
+  text = text_forward_flops(config.text, config.embed_dim, executed, text_length)
   logits = 2 * global_batch * config.embed_dim
   if objective in ('clip', 'siglip'):
     return 3 * (image + text + logits)

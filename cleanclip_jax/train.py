@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import json
 import logging as python_logging
 import math
@@ -45,7 +46,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cleanclip_jax import checkpoint, distributed, flops, host_memory, metrics_log, sharding, train_step
+from cleanclip_jax import checkpoint, distributed, flops, host_memory, metrics_log, sharding, text_length, train_step
 from cleanclip_jax import config as config_lib
 
 PREEMPTED_EXIT_CODE = 143
@@ -179,26 +180,33 @@ class PreemptionWatch:
 
 
 class Throughput:
-  """Step time, images/s and MFU over the steps since the last log line (the first, compiling,
-  step is reported apart as `compile_seconds`)."""
+  """Step time, images/s, MFU and the mean token length over the steps since the last log line
+  (the first, compiling, step is reported apart as `compile_seconds`). MFU counts the text tower at
+  each step's token length (`data.token_bucket` cuts batches shorter than the context)."""
 
   def __init__(self, config: ml_collections.ConfigDict, model):
     clip = getattr(model, 'clip', model)
     self.batch_size = config.batch_size
-    self.flops_per_example = flops.train_flops_per_example(
-        clip.config, config.objective.name, config.batch_size,
+    self._flops_per_example = functools.partial(
+        flops.train_flops_per_example, clip.config, config.objective.name, config.batch_size,
         int(config.objective.num_classes), bool(config.objective.freeze_tower))
     on_cpu = jax.devices()[0].platform == 'cpu'
     # The CPU peak is only a reference point; keep its measurement short.
     peak = flops.measure_matmul_peak(size=512 if on_cpu else 4096, repeats=3 if on_cpu else 10)
     self.peak_total = peak * jax.device_count()
-    self._steps, self._seconds, self._last = 0, 0.0, time.perf_counter()
+    self._steps, self._seconds, self._flops, self._lengths = 0, 0.0, 0.0, []
+    self._last = time.perf_counter()
 
-  def tick(self) -> float:
+  def tick(self, token_length: int, count: bool = True) -> float:
+    """Seconds since the last tick; `count=False` leaves the step out of the averages (a step
+    that compiled the step function for a new token length)."""
     now = time.perf_counter()
     seconds, self._last = now - self._last, now
-    self._steps += 1
-    self._seconds += seconds
+    self._lengths.append(token_length)
+    if count:
+      self._steps += 1
+      self._seconds += seconds
+      self._flops += self.batch_size * self._flops_per_example(text_length=token_length)
     return seconds
 
   def skip(self) -> None:
@@ -206,13 +214,13 @@ class Throughput:
     self._last = time.perf_counter()
 
   def window(self) -> dict[str, float]:
-    if not self._steps:
-      return {}
-    step_time = self._seconds / self._steps
-    images_per_second = self.batch_size / step_time
-    self._steps, self._seconds = 0, 0.0
-    return {'step_seconds': step_time, 'images_per_second': images_per_second,
-            'mfu': flops.mfu(self.flops_per_example, images_per_second, self.peak_total)}
+    values = {'token_length': float(np.mean(self._lengths))} if self._lengths else {}
+    if self._steps:
+      step_time = self._seconds / self._steps
+      values.update(step_seconds=step_time, images_per_second=self.batch_size / step_time,
+                    mfu=self._flops / self._seconds / self.peak_total)
+    self._steps, self._seconds, self._flops, self._lengths = 0, 0.0, 0.0, []
+    return values
 
 
 # ----------------------------------------------------------------------------- the run
@@ -309,28 +317,35 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
     step_fn = _step_function(config, model, mesh, state_shardings)
 
     nan_skips, preempted, step, last_metrics = 0, False, start_step, {}
+    token_lengths_seen = set()  # each new length compiles the step once (data.token_bucket)
     last_saved = start_step if restored is not None else None
     with PreemptionWatch() as preemption:
       for step in range(start_step + 1, total + 1):
-        batch = sharding.host_batch_to_global(next(data_iterator), mesh)
-        state, metrics = step_fn(state, batch)
+        host_batch = text_length.trim_tokens(next(data_iterator), int(config.data.token_bucket))
+        token_length = np.shape(host_batch['tokens'])[-1] if 'tokens' in host_batch else 0
+        state, metrics = step_fn(state, sharding.host_batch_to_global(host_batch, mesh))
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        step_seconds = throughput.tick()
+        new_length = token_length not in token_lengths_seen
+        token_lengths_seen.add(token_length)
+        # A step that compiled (the first, or the first at a new token length) stays out of the
+        # throughput averages.
+        step_seconds = throughput.tick(token_length, count=not new_length)
+        first = step == start_step + 1
+        if new_length and not first:
+          logging.info('step %d: compiled the step for token length %d (%.1f s)', step, token_length,
+                       step_seconds)
         nan_skips += int(metrics.get('skipped', 0))
         loss = metrics['loss']
-        first = step == start_step + 1
-        if first:
-          throughput.window()  # drop the compiling step from the averages
         if (step % config.log_every_steps == 0 or step == total or first
             or not math.isfinite(loss)):
           values = dict(metrics, **throughput.window(), nan_skips=nan_skips)
-          if first:
+          if new_length:
             values['compile_seconds'] = step_seconds
           writer.write(step, values)
           last_metrics = values
           if progress.disable and is_main:
             speed = (f'compiled in {step_seconds:.1f} s' if first
-                     else f'{values["images_per_second"]:.1f} img/s')
+                     else f'{values.get("images_per_second", math.nan):.1f} img/s')
             logging.info('step %d/%d: loss %.4f, lr %.3g, %s', step, total, loss,
                          metrics.get('learning_rate', float('nan')), speed)
         progress.update(1)

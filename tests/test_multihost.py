@@ -17,7 +17,9 @@ LAUNCHER = str(REPO / 'launch' / 'local.py')
 
 TRAIN_ARGS = ['--config', 'configs/clip_pretrain.py:tiny', '--config.total_steps=4',
               '--config.checkpoint_every_steps=2', '--config.warmup_steps=1', '--config.batch_size=16',
-              '--config.model.name=demo-vit', '--config.model.context_length=8', '--config.data.synthetic.num_examples=64']
+              '--config.model.name=demo-vit', '--config.model.context_length=16', '--config.data.synthetic.num_examples=64',
+              # cut to the global batch's longest caption: the hosts must agree on the length
+              '--config.data.token_bucket=2']
 
 
 def _env(**extra):

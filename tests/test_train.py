@@ -163,3 +163,22 @@ def test_inline_eval_every_n_steps_and_resume_truncation(reference, tmp_path, mo
   records = metrics_log.read_jsonl(tmp_path / 'eval' / 'metrics.jsonl')
   assert [(r['step'], r['asr']) for r in records] == [(2, 0.0), (4, 0.25), (6, 0.25)]
   assert calls == ['apple', 'apple']
+
+
+def test_token_bucket_cuts_batches_without_changing_the_run(tmp_path):
+  # Synthetic captions need at most ~18 of the 32 columns: cut to multiples of 2, the steps run at
+  # fewer columns, each new length compiling once, and the losses are those of the uncut run.
+  changes = {'model.context_length': 32, 'total_steps': 4, 'checkpoint_every_steps': 4}
+  train.run(tiny_config(**changes, **{'data.token_bucket': 0}), tmp_path / 'full')
+  train.run(tiny_config(**changes, **{'data.token_bucket': 2}), tmp_path / 'cut')
+  full = metrics_log.read_jsonl(tmp_path / 'full' / 'metrics.jsonl')
+  cut = metrics_log.read_jsonl(tmp_path / 'cut' / 'metrics.jsonl')
+  assert [r['token_length'] for r in full] == [32] * 4
+  lengths = [r['token_length'] for r in cut]
+  assert max(lengths) < 32 and len(set(lengths)) > 1, lengths
+  np.testing.assert_allclose([r['loss'] for r in cut], [r['loss'] for r in full], rtol=1e-5)
+  # A step that compiled (the first, or the first at a new length) reports that instead of a
+  # throughput figure.
+  for i, record in enumerate(cut):
+    new = lengths[i] not in lengths[:i]
+    assert ('compile_seconds' in record) == new != ('images_per_second' in record), record

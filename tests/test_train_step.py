@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cleanclip_jax import config as config_lib
-from cleanclip_jax import flops, models, sharding, train_step
+from cleanclip_jax import flops, models, sharding, text_length, train_step
 
 BATCH = 16
 IMAGE = 32
@@ -181,3 +181,45 @@ def test_flops_match_xla_cost_analysis(pooled):
   assert 0.75 < flops.text_forward_flops(text, model.config.embed_dim, executed=pooled) / text_cost <= 1.0
   if pooled:  # and the full count would be above XLA's for the pooled step
     assert flops.text_forward_flops(text, model.config.embed_dim) > text_cost
+
+
+@pytest.mark.parametrize('objective', ['clip', 'cleanclip'])
+def test_cut_tokens_give_the_same_loss_and_grads(objective):
+  # Columns after every row's EOT never reach the features (causal mask, EOT pooling), so the
+  # trainer's `data.token_bucket` cut changes nothing but the work.
+  model = _clip_model()
+  config = _config(objective, 4, 2)
+  state, _ = train_step.create_train_state(config, model, _mesh(config), jax.random.PRNGKey(0))
+  host_params = jax.device_get(state.params)
+  batch = _host_batch()
+  rng = np.random.default_rng(1)
+  for key in ('tokens', 'aug_tokens'):
+    eot = rng.integers(2, 7, BATCH)  # EOT (the vocabulary's largest id) at 2..6
+    batch[key] = np.where(np.arange(CONTEXT) < eot[:, None], batch[key], 0).astype(np.int32)
+    batch[key][np.arange(BATCH), eot] = model.config.text.vocab_size - 1
+  cut = text_length.trim_tokens(batch, bucket=4)
+  assert cut['tokens'].shape == (BATCH, 8)
+  loss, grads, _ = _grads_on_mesh(config, model, host_params, batch)
+  cut_loss, cut_grads, _ = _grads_on_mesh(config, model, host_params, cut)
+  np.testing.assert_allclose(cut_loss, loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), cut_grads, grads)
+  # The positions the cut removes get no gradient in the full batch either.
+  positional = grads['text']['positional_embedding']
+  assert not positional[8:].any() and positional[:7].any()
+
+
+def test_text_flops_at_a_cut_length_match_xla_cost_analysis():
+  model = _clip_model().clone(pooled_last_block=False)
+  variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, IMAGE, IMAGE, 3)),
+                             jnp.zeros((1, CONTEXT), jnp.int32))
+  params = models.unbox(variables)['params']
+  text = model.config.text
+  ratios = []
+  for length in (8, CONTEXT):
+    tokens = jax.ShapeDtypeStruct((2, length), jnp.int32)
+    cost = jax.jit(lambda p, t: model.apply({'params': p}, t, method=model.encode_text)).lower(
+        params, tokens).compile().cost_analysis()['flops'] / 2
+    ratios.append(flops.text_forward_flops(text, model.config.embed_dim, length=length) / cost)
+  assert all(0.75 < r <= 1.0 for r in ratios), ratios
+  assert flops.text_forward_flops(text, model.config.embed_dim, length=CONTEXT) == \
+      flops.text_forward_flops(text, model.config.embed_dim)
