@@ -181,8 +181,9 @@ class PreemptionWatch:
 
 class Throughput:
   """Step time, images/s, MFU and the mean token length over the steps since the last log line
-  (the first, compiling, step is reported apart as `compile_seconds`). MFU counts the text tower at
-  each step's token length (`data.token_bucket` cuts batches shorter than the context)."""
+  (steps that compiled, the first and the first at each new token length, are left out of the
+  averages and reported as `compile_seconds`). MFU counts the text tower at each step's token
+  length (`data.token_bucket` cuts batches shorter than the context)."""
 
   def __init__(self, config: ml_collections.ConfigDict, model):
     clip = getattr(model, 'clip', model)
