@@ -142,7 +142,8 @@ def build_jax_step(model_name: str, batch_size: int, objective: str, dtype: str 
 
 
 def jax_step_runner(args, objective: str, pooled_last_block: bool = True):
-  """A no-argument callable running one jitted step for `objective` (state kept inside)."""
+  """A no-argument callable running one jitted step for `objective` (state kept inside);
+  `.token_columns` is the token length its batch was cut to."""
   import jax
   step_fn, state, global_batch = build_jax_step(args.model, args.batch, objective,
                                                 pooled_last_block=pooled_last_block,
@@ -159,6 +160,7 @@ def jax_step_runner(args, objective: str, pooled_last_block: bool = True):
         f'{time.perf_counter() - start:.1f}s', flush=True)
   for _ in range(max(0, args.warmup - 1)):
     run()
+  run.token_columns = global_batch['tokens'].shape[1]
   return run
 
 
@@ -304,23 +306,20 @@ def main(argv=None):
       timer.time(name, run)
 
   cfg = models.get_config(args.model)
-  # The columns the JAX steps were fed (as build_jax_step cuts them); open_clip gets them all.
-  from cleanclip_jax import text_length
-  length = text_length.trim_tokens(
-      _synthetic_batch(args.batch, cfg.vision.image_size, cfg.text.context_length,
-                       max_caption_tokens=args.max_caption_tokens), args.token_bucket)['tokens'].shape[1]
+  length = runners['clip'].token_columns  # open_clip is fed all context columns
+  longest = args.max_caption_tokens or cfg.text.context_length - 1
   clip_flops = flops.train_flops_per_example(cfg, 'clip', global_batch=args.batch)
   clean_flops = flops.train_flops_per_example(cfg, 'cleanclip', global_batch=args.batch,
                                               text_length=length)
   cut_flops = flops.train_flops_per_example(cfg, 'clip', global_batch=args.batch, text_length=length)
   executed_flops = flops.train_flops_per_example(cfg, 'clip', global_batch=args.batch, executed=True,
                                                  text_length=length)
-  print(f'captions of 6..{args.max_caption_tokens or cfg.text.context_length - 1} tokens; the JAX '
+  print(f'captions of 6..{longest} tokens; the JAX '
         f'steps are fed {length} of {cfg.text.context_length} token columns '
         f'(token_bucket {args.token_bucket}), open_clip all {cfg.text.context_length}')
   summary = {'threads': args.threads, 'batch': args.batch, 'keep_freed_memory': kept,
              'load_average': round(os.getloadavg()[0], 2),
-             'max_caption_tokens': args.max_caption_tokens or cfg.text.context_length - 1,
+             'max_caption_tokens': longest,
              'token_columns': length}
   for clock in ('wall', 'cpu'):
     peak = matmul_flops / timer.median('matmul', clock)
