@@ -13,11 +13,12 @@ each is reported as the median over rounds, in wall time and in process CPU time
 discounts the time other processes hold the cores; with 1 thread it is the work itself). MFU =
 analytic FLOPs / step time over the matmul's FLOP/s measured with the same clock (the model's
 count for every implementation; the FLOPs the pooled step executes are printed beside it).
-Captions are 6..76 tokens by default, so a batch needs nearly all 77 columns; with
-`--max-caption-tokens N` they are shorter and the JAX steps are fed the columns the trainer's
-`data.token_bucket` cut leaves (open_clip always computes all 77): MFU is then also printed for the
-model's FLOPs at the columns fed (`mfu_at_columns_fed`), since the full count would credit the
-skipped columns. Then the
+Captions are 6..76 tokens by default (`--max-caption-tokens N`: 6..N). The JAX steps get the
+batch as the trainer feeds it: the captions packed several to a token row of 77
+(`data.pack_captions`, on by default), or with `--no-pack-captions` one caption a row, cut after
+the longest caption (`data.token_bucket`); open_clip always computes 64 rows of 77. MFU is printed for the model's FLOPs at all
+77 columns (what open_clip computes) and at the rows and columns fed (`mfu_at_tokens_fed`), since
+the full count would credit the skipped tokens. Then the
 sharded-loss memory check: for the dense and the sharded CLIP loss, the per-device
 temp bytes XLA plans for the loss gradient at 4 and 8 emulated CPU devices with a fixed per-device
 batch (each in a subprocess, since the device count is fixed at JAX start-up). Last line: JSON.
@@ -60,6 +61,9 @@ def _parse_args(argv=None):
   parser.add_argument('--token-bucket', type=int, default=16,
                       help="the JAX steps' data.token_bucket (0: every batch keeps all context "
                            'columns, as open_clip feeds them)')
+  parser.add_argument('--pack-captions', action=argparse.BooleanOptionalAction, default=True,
+                      help="the JAX steps' data.pack_captions (--no-pack-captions: one caption a "
+                           'row, as open_clip feeds them)')
   parser.add_argument('--skip-memory', action='store_true')
   parser.add_argument('--memory-devices', default='4,8')
   parser.add_argument('--memory-batch-per-device', type=int, default=256)
@@ -111,13 +115,13 @@ class Timer:
 
 def build_jax_step(model_name: str, batch_size: int, objective: str, dtype: str = 'float32',
                    attention: str = 'xla', pooled_last_block: bool = True, token_bucket: int = 0,
-                   max_caption_tokens: int = 0):
+                   max_caption_tokens: int = 0, pack_captions: bool = False):
   """(step_fn, state, global_batch): the trainer's jitted step on one device, its fresh state and
-  a synthetic batch already on the device, its tokens cut as the trainer cuts them with
-  `data.token_bucket` (shared with `accelerator_step.py`)."""
+  a synthetic batch already on the device, its tokens packed (`pack_captions`) or cut as the
+  trainer's `train.text_batch` makes them (shared with `accelerator_step.py`)."""
   import jax
   from cleanclip_jax import config as config_lib
-  from cleanclip_jax import sharding, text_length, train_step
+  from cleanclip_jax import sharding, train, train_step
 
   config = config_lib.base_config()
   config.model.name = model_name
@@ -127,6 +131,8 @@ def build_jax_step(model_name: str, batch_size: int, objective: str, dtype: str 
   config.batch_size = batch_size
   config.objective.name = objective
   config.mesh.data, config.mesh.fsdp = 1, 1
+  config.data.token_bucket = token_bucket
+  config.data.pack_captions = pack_captions
   config.warmup_steps = 0
   config_lib.validate(config, 1)
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
@@ -137,18 +143,20 @@ def build_jax_step(model_name: str, batch_size: int, objective: str, dtype: str 
                            max_caption_tokens=max_caption_tokens)
   if objective != 'cleanclip':
     batch = {k: v for k, v in batch.items() if not k.startswith('aug_')}
-  batch = text_length.trim_tokens(batch, token_bucket)
+  batch = train.text_batch(batch, config, mesh)
   return step_fn, state, sharding.host_batch_to_global(batch, mesh)
 
 
 def jax_step_runner(args, objective: str, pooled_last_block: bool = True):
   """A no-argument callable running one jitted step for `objective` (state kept inside);
-  `.token_columns` is the token length its batch was cut to."""
+  `.text_shape` is (token columns, token rows per caption) of its batch."""
   import jax
+  from cleanclip_jax import text_packing
   step_fn, state, global_batch = build_jax_step(args.model, args.batch, objective,
                                                 pooled_last_block=pooled_last_block,
                                                 token_bucket=args.token_bucket,
-                                                max_caption_tokens=args.max_caption_tokens)
+                                                max_caption_tokens=args.max_caption_tokens,
+                                                pack_captions=args.pack_captions)
   holder = {'state': state}
 
   def run():
@@ -160,7 +168,7 @@ def jax_step_runner(args, objective: str, pooled_last_block: bool = True):
         f'{time.perf_counter() - start:.1f}s', flush=True)
   for _ in range(max(0, args.warmup - 1)):
     run()
-  run.token_columns = global_batch['tokens'].shape[1]
+  run.text_shape = text_packing.packed_shape(global_batch)
   return run
 
 
@@ -306,21 +314,24 @@ def main(argv=None):
       timer.time(name, run)
 
   cfg = models.get_config(args.model)
-  length = runners['clip'].token_columns  # open_clip is fed all context columns
+  length, rows = runners['clip'].text_shape  # open_clip is fed 1 row of all context columns
+  clean_length, clean_rows = runners['cleanclip'].text_shape
   longest = args.max_caption_tokens or cfg.text.context_length - 1
   clip_flops = flops.train_flops_per_example(cfg, 'clip', global_batch=args.batch)
   clean_flops = flops.train_flops_per_example(cfg, 'cleanclip', global_batch=args.batch,
-                                              text_length=length)
-  cut_flops = flops.train_flops_per_example(cfg, 'clip', global_batch=args.batch, text_length=length)
+                                              text_length=clean_length, text_rows=clean_rows)
+  fed_flops = flops.train_flops_per_example(cfg, 'clip', global_batch=args.batch, text_length=length,
+                                            text_rows=rows)
   executed_flops = flops.train_flops_per_example(cfg, 'clip', global_batch=args.batch, executed=True,
-                                                 text_length=length)
-  print(f'captions of 6..{longest} tokens; the JAX '
-        f'steps are fed {length} of {cfg.text.context_length} token columns '
-        f'(token_bucket {args.token_bucket}), open_clip all {cfg.text.context_length}')
+                                                 text_length=length, text_rows=rows)
+  fed = f'{rows * args.batch:.0f} rows of {length} tokens'
+  print(f'captions of 6..{longest} tokens; the JAX clip steps are fed {fed} '
+        f'(pack_captions {args.pack_captions}; token_bucket {args.token_bucket} if not packed), open_clip '
+        f'{args.batch} rows of {cfg.text.context_length}')
   summary = {'threads': args.threads, 'batch': args.batch, 'keep_freed_memory': kept,
              'load_average': round(os.getloadavg()[0], 2),
-             'max_caption_tokens': longest,
-             'token_columns': length}
+             'max_caption_tokens': longest, 'pack_captions': args.pack_captions,
+             'token_columns': length, 'text_rows': round(rows * args.batch)}
   for clock in ('wall', 'cpu'):
     peak = matmul_flops / timer.median('matmul', clock)
     clip_time, clean_time = timer.median('clip', clock), timer.median('cleanclip', clock)
@@ -328,15 +339,15 @@ def main(argv=None):
     print(f'[{clock} time] f32 2048^2 matmul {peak / 1e9:.1f} GFLOP/s')
     print(f'[{clock} time] jax clip:      {clip_time * 1e3:.0f} ms/step, {rate:.2f} img/s, '
           f'{clip_flops / 1e9:.2f} GFLOP/example (all {cfg.text.context_length} columns, as open_clip '
-          f'runs them), MFU {flops.mfu(clip_flops, rate, peak):.3f}; at the {length} columns fed {cut_flops / 1e9:.2f} GFLOP/example, MFU '
-          f'{flops.mfu(cut_flops, rate, peak):.3f} (executed {executed_flops / 1e9:.2f} GFLOP/example: '
+          f'runs them), MFU {flops.mfu(clip_flops, rate, peak):.3f}; at the {fed} fed {fed_flops / 1e9:.2f} GFLOP/example, MFU '
+          f'{flops.mfu(fed_flops, rate, peak):.3f} (executed {executed_flops / 1e9:.2f} GFLOP/example: '
           f'{flops.mfu(executed_flops, rate, peak):.3f} of the peak)')
     print(f'[{clock} time] jax cleanclip: {clean_time * 1e3:.0f} ms/step, MFU '
           f'{flops.mfu(clean_flops, args.batch / clean_time, peak):.3f}, x{clean_time / clip_time:.2f} the clip step time')
     row = {'jax_img_per_s': round(rate, 2), 'mfu': round(flops.mfu(clip_flops, rate, peak), 4),
            'cleanclip_over_clip_time': round(clean_time / clip_time, 3),
            'matmul_peak_gflops': round(peak / 1e9, 1),
-           'mfu_at_columns_fed': round(flops.mfu(cut_flops, rate, peak), 4),
+           'mfu_at_tokens_fed': round(flops.mfu(fed_flops, rate, peak), 4),
            'executed_flops_utilisation': round(flops.mfu(executed_flops, rate, peak), 4)}
     if 'clip_every_row' in runners:
       every_rate = args.batch / timer.median('clip_every_row', clock)

@@ -95,6 +95,11 @@ def data_config() -> ConfigDict:
       # multiple of this: the same loss and gradients, less text-tower work; each length used
       # compiles once (see text_length.py). 0 = always model.context_length (one fixed shape).
       'token_bucket': 16,
+      # The trainer packs several captions into each token row of model.context_length (each on
+      # its own span of columns, attention kept within a caption): the same loss and gradients,
+      # the text tower run over about as many rows as the captions fill (see text_packing.py).
+      # token_bucket then plays no part. Not with optimizer.accum_steps > 1 (the cut applies).
+      'pack_captions': True,
       'num_workers': 0,
       'prefetch_buffer': 2,
       'shuffle': True,

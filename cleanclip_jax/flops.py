@@ -89,28 +89,40 @@ def image_forward_flops(config: ModelConfig, executed: bool = False) -> float:
 
 
 def text_forward_flops(text: TextConfig, embed_dim: int, executed: bool = False,
-                       length: int = 0) -> float:
-  """`length`: the token columns fed to the tower (`data.token_bucket` cuts them); 0 = the context."""
-  blocks = transformer_forward_flops(length or text.context_length, text.width, text.layers,
-                                     text.mlp_ratio, pooled_last_block=executed)
-  return float(blocks + 2 * text.width * embed_dim)
+                       length: int = 0, rows: float = 1.0) -> float:
+  """Per caption. `length`: the token columns fed to the tower (`data.token_bucket` cuts them);
+  0 = the context. `rows`: token rows fed per caption (< 1 when `data.pack_captions` packs
+  several captions to a row); the rows' blocks are counted in full, as the model computes them.
+
+  With `executed` and packing, the last block runs one pooled row per caption, its attention over
+  the caption's group of rows (`text_packing`); that attention is left out of the count (< 0.1%
+  of the step for `bench-vit`)."""
+  length = length or text.context_length
+  blocks = transformer_forward_flops(length, text.width, text.layers, text.mlp_ratio)
+  if executed and text.layers > 0:
+    hidden = int(text.width * text.mlp_ratio)
+    per_row = 2 * 2 * text.width * text.width + 2 * 2 * length * text.width + 2 * 2 * text.width * hidden
+    blocks -= (length - 1 / rows) * per_row  # the last block: one row per caption, not per token
+  return float(rows * blocks + 2 * text.width * embed_dim)
 
 
 def train_flops_per_example(config: ModelConfig, objective: str = 'clip', global_batch: int = 0,
                             num_classes: int = 0, freeze_tower: bool = False,
-                            executed: bool = False, text_length: int = 0) -> float:
+                            executed: bool = False, text_length: int = 0,
+                            text_rows: float = 1.0) -> float:
   """Training FLOPs per example (forward + backward = 3x forward) for an objective.
 
   `executed`: what a step with `model.pooled_last_block` computes (for a hardware-utilisation
   figure); the default is the model's count, which MFU uses. `text_length`: the token columns the
-  step is fed (0 = the context length; `data.token_bucket` cuts batches shorter).
+  step is fed (0 = the context length; `data.token_bucket` cuts batches shorter); `text_rows`: the
+  token rows fed per caption (`data.pack_captions` packs several captions to a row).
 
   cleanclip runs both towers on the original and the augmented view; the contrastive logits add
   2 * global_batch * embed_dim per example and logits matrix (1 for clip/siglip, 3 for cleanclip).
   A frozen tower (supervised) costs its forward only.
   """
   image = image_forward_flops(config, executed)
-  text = text_forward_flops(config.text, config.embed_dim, executed, text_length)
+  text = text_forward_flops(config.text, config.embed_dim, executed, text_length, text_rows)
   logits = 2 * global_batch * config.embed_dim
   if objective in ('clip', 'siglip'):
     return 3 * (image + text + logits)

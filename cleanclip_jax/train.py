@@ -46,7 +46,8 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cleanclip_jax import checkpoint, distributed, flops, host_memory, metrics_log, sharding, text_length, train_step
+from cleanclip_jax import (checkpoint, distributed, flops, host_memory, metrics_log, sharding, text_length,
+                           text_packing, train_step)
 from cleanclip_jax import config as config_lib
 
 PREEMPTED_EXIT_CODE = 143
@@ -179,11 +180,21 @@ class PreemptionWatch:
 # ----------------------------------------------------------------------------- throughput
 
 
+def text_batch(batch: dict, config: ml_collections.ConfigDict, mesh) -> dict:
+  """The host batch as the step takes it: captions packed into fewer token rows
+  (`data.pack_captions`, one packing per device of this process) or cut after the longest one
+  (`data.token_bucket`). Every process calls it at every step (the hosts agree on the shape)."""
+  if config.data.get('pack_captions', False) and int(config.optimizer.accum_steps) <= 1:
+    return text_packing.pack_tokens(batch, len(mesh.local_devices))
+  return text_length.trim_tokens(batch, int(config.data.token_bucket))
+
+
 class Throughput:
-  """Step time, images/s, MFU and the mean token length over the steps since the last log line
-  (steps that compiled, the first and the first at each new token length, are left out of the
-  averages and reported as `compile_seconds`). MFU counts the text tower at each step's token
-  length (`data.token_bucket` cuts batches shorter than the context)."""
+  """Step time, images/s, MFU, the mean token length and token rows per caption over the steps
+  since the last log line (steps that compiled, the first and the first at each new text shape,
+  are left out of the averages and reported as `compile_seconds`). MFU counts the text tower at
+  the rows and columns each step was fed (`data.token_bucket` cuts columns, `data.pack_captions`
+  packs captions into fewer rows)."""
 
   def __init__(self, config: ml_collections.ConfigDict, model):
     clip = getattr(model, 'clip', model)
@@ -195,19 +206,21 @@ class Throughput:
     # The CPU peak is only a reference point; keep its measurement short.
     peak = flops.measure_matmul_peak(size=512 if on_cpu else 4096, repeats=3 if on_cpu else 10)
     self.peak_total = peak * jax.device_count()
-    self._steps, self._seconds, self._flops, self._lengths = 0, 0.0, 0.0, []
+    self._steps, self._seconds, self._flops, self._lengths, self._rows = 0, 0.0, 0.0, [], []
     self._last = time.perf_counter()
 
-  def tick(self, token_length: int, count: bool = True) -> float:
+  def tick(self, token_length: int, rows_per_caption: float = 1.0, count: bool = True) -> float:
     """Seconds since the last tick; `count=False` leaves the step out of the averages (a step
-    that compiled the step function for a new token length)."""
+    that compiled the step function for a new text shape)."""
     now = time.perf_counter()
     seconds, self._last = now - self._last, now
     self._lengths.append(token_length)
+    self._rows.append(rows_per_caption)
     if count:
       self._steps += 1
       self._seconds += seconds
-      self._flops += self.batch_size * self._flops_per_example(text_length=token_length)
+      self._flops += self.batch_size * self._flops_per_example(text_length=token_length,
+                                                               text_rows=rows_per_caption or 1.0)
     return seconds
 
   def skip(self) -> None:
@@ -215,12 +228,13 @@ class Throughput:
     self._last = time.perf_counter()
 
   def window(self) -> dict[str, float]:
-    values = {'token_length': float(np.mean(self._lengths))} if self._lengths else {}
+    values = ({'token_length': float(np.mean(self._lengths)),
+               'text_rows_per_caption': float(np.mean(self._rows))} if self._lengths else {})
     if self._steps:
       step_time = self._seconds / self._steps
       values.update(step_seconds=step_time, images_per_second=self.batch_size / step_time,
                     mfu=self._flops / self._seconds / self.peak_total)
-    self._steps, self._seconds, self._flops, self._lengths = 0, 0.0, 0.0, []
+    self._steps, self._seconds, self._flops, self._lengths, self._rows = 0, 0.0, 0.0, [], []
     return values
 
 
@@ -318,23 +332,25 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
     step_fn = _step_function(config, model, mesh, state_shardings)
 
     nan_skips, preempted, step, last_metrics = 0, False, start_step, {}
-    token_lengths_seen = set()  # each new length compiles the step once (data.token_bucket)
+    text_shapes_seen = set()  # each new text shape compiles the step once (text_batch)
     last_saved = start_step if restored is not None else None
     with PreemptionWatch() as preemption:
       for step in range(start_step + 1, total + 1):
-        host_batch = text_length.trim_tokens(next(data_iterator), int(config.data.token_bucket))
-        token_length = np.shape(host_batch['tokens'])[-1] if 'tokens' in host_batch else 0
+        host_batch = text_batch(next(data_iterator), config, mesh)
+        token_length, rows_per_caption = text_packing.packed_shape(host_batch)
         state, metrics = step_fn(state, sharding.host_batch_to_global(host_batch, mesh))
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        new_length = token_length not in token_lengths_seen
-        token_lengths_seen.add(token_length)
-        # A step that compiled (the first, or the first at a new token length) stays out of the
+        text_shape = (token_length, rows_per_caption)
+        new_length = text_shape not in text_shapes_seen
+        text_shapes_seen.add(text_shape)
+        # A step that compiled (the first, or the first at a new text shape) stays out of the
         # throughput averages.
-        step_seconds = throughput.tick(token_length, count=not new_length)
+        step_seconds = throughput.tick(token_length, rows_per_caption, count=not new_length)
         first = step == start_step + 1
         if new_length and not first:
-          logging.info('step %d: compiled the step for token length %d (%.1f s)', step, token_length,
-                       step_seconds)
+          rows = round(rows_per_caption * config.batch_size)
+          logging.info('step %d: compiled the step for text of %d rows x %d tokens (%.1f s)',
+                       step, rows, token_length, step_seconds)
         nan_skips += int(metrics.get('skipped', 0))
         loss = metrics['loss']
         if (step % config.log_every_steps == 0 or step == total or first

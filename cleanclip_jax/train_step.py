@@ -35,7 +35,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from cleanclip_jax import losses, models, optim, sharding
+from cleanclip_jax import losses, models, optim, sharding, text_packing
 from cleanclip_jax.data.normalize import normalize
 
 LOGIT_SCALE_MAX = math.log(100.0)
@@ -230,6 +230,14 @@ def _match_init_params(init_params: Any, abstract_params: Any, config) -> dict:
 # The step.
 
 
+def text_input(batch: Mapping[str, jax.Array], key: str = 'tokens'):
+  """The text tower's input for batch key `key`: its token array, or a `models.PackedTokens` where
+  the trainer packed the captions (`text_packing`)."""
+  if text_packing.is_packed(batch, key):
+    return models.PackedTokens(*(batch[f'{key}_{field}'] for field in text_packing.FIELDS))
+  return batch[key]
+
+
 def _objective_loss(params, batch, model: nn.Module, config, mesh: Mesh):
   """(loss, metrics) of one (micro-)batch for `config.objective`."""
   objective = config.objective
@@ -250,17 +258,17 @@ def _objective_loss(params, batch, model: nn.Module, config, mesh: Mesh):
 
   clip_params = {k: v for k, v in params.items() if k != 'logit_bias'}
   img, txt, logit_scale = model.apply({'params': clip_params}, normalize(batch['image'], dtype),
-                                      batch['tokens'])
+                                      text_input(batch))
   metrics = {'logit_scale': jnp.exp(logit_scale)}
   if objective.name == 'clip':
     loss = losses.clip_loss(img, txt, logit_scale, loss_mesh, impl)
     metrics['clip_loss'] = loss
   elif objective.name == 'cleanclip':
     for key in ('aug_image', 'aug_tokens'):
-      if key not in batch:
+      if key not in batch and not text_packing.is_packed(batch, key):
         raise KeyError(f'objective cleanclip needs batch[{key!r}]: set --config.data.inmodal_views=True')
     aug_img, aug_txt, _ = model.apply({'params': clip_params}, normalize(batch['aug_image'], dtype),
-                                      batch['aug_tokens'])
+                                      text_input(batch, 'aug_tokens'))
     terms = losses.cleanclip_loss(img, txt, aug_img, aug_txt, logit_scale, objective.clip_weight,
                                   objective.inmodal_weight, loss_mesh, impl)
     loss = terms.loss

@@ -17,8 +17,9 @@ LAUNCHER = str(REPO / 'launch' / 'local.py')
 
 TRAIN_ARGS = ['--config', 'configs/clip_pretrain.py:tiny', '--config.total_steps=4',
               '--config.checkpoint_every_steps=2', '--config.warmup_steps=1', '--config.batch_size=16',
-              '--config.model.name=demo-vit', '--config.model.context_length=16', '--config.data.synthetic.num_examples=64',
-              # cut to the global batch's longest caption: the hosts must agree on the length
+              '--config.model.name=demo-vit', '--config.model.context_length=32', '--config.data.synthetic.num_examples=64',
+              # packing off: cut to the global batch's longest caption (the hosts must agree on
+              # the length); packing on: the hosts must agree on the row count
               '--config.data.token_bucket=2']
 
 
@@ -33,14 +34,16 @@ def _trace(workdir):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process(tmp_path):
+@pytest.mark.parametrize('pack', [True, False])
+def test_two_processes_match_one_process(tmp_path, pack):
   single, multi = tmp_path / 'single', tmp_path / 'multi'
   train = [sys.executable, '-m', 'cleanclip_jax.train']
-  one = subprocess.Popen(train + TRAIN_ARGS + ['--workdir', str(single)], cwd=REPO, stdout=subprocess.PIPE,
+  train_args = TRAIN_ARGS + [f'--config.data.pack_captions={pack}']
+  one = subprocess.Popen(train + train_args + ['--workdir', str(single)], cwd=REPO, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True,
                          env=_env(XLA_FLAGS='--xla_force_host_platform_device_count=8'))
   two = subprocess.run([sys.executable, LAUNCHER, '--num_processes', '2', '--devices_per_process', '4',
-                        '--'] + train + TRAIN_ARGS + ['--workdir', str(multi)],
+                        '--'] + train + train_args + ['--workdir', str(multi)],
                        cwd=REPO, capture_output=True, text=True, env=_env(), timeout=600)
   one_output = one.communicate(timeout=600)[0]
   assert one.returncode == 0, one_output[-3000:]
@@ -52,6 +55,8 @@ def test_two_processes_match_one_process(tmp_path):
   # examples in another order: the losses agree to float rounding.
   expected, actual = _trace(single), _trace(multi)
   assert [s for s, _ in actual] == [1, 2, 3, 4]
+  rows = [r['text_rows_per_caption'] for r in metrics_log.read_jsonl(multi / 'metrics.jsonl')]
+  assert all(r < 1 for r in rows) if pack else rows == [1.0] * 4, rows
   np.testing.assert_allclose([l for _, l in actual], [l for _, l in expected], rtol=2e-5)
   assert checkpoint.committed_steps(multi) == [2, 4]
   assert sorted(p.name for p in (multi / 'checkpoints' / '4' / 'data').iterdir()

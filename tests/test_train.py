@@ -168,7 +168,8 @@ def test_inline_eval_every_n_steps_and_resume_truncation(reference, tmp_path, mo
 def test_token_bucket_cuts_batches_without_changing_the_run(tmp_path):
   # Synthetic captions need at most ~18 of the 32 columns: cut to multiples of 2, the steps run at
   # fewer columns, each new length compiling once, and the losses are those of the uncut run.
-  changes = {'model.context_length': 32, 'total_steps': 4, 'checkpoint_every_steps': 4}
+  changes = {'model.context_length': 32, 'total_steps': 4, 'checkpoint_every_steps': 4,
+             'data.pack_captions': False}
   train.run(tiny_config(**changes, **{'data.token_bucket': 0}), tmp_path / 'full')
   train.run(tiny_config(**changes, **{'data.token_bucket': 2}), tmp_path / 'cut')
   full = metrics_log.read_jsonl(tmp_path / 'full' / 'metrics.jsonl')
@@ -182,3 +183,18 @@ def test_token_bucket_cuts_batches_without_changing_the_run(tmp_path):
   for i, record in enumerate(cut):
     new = lengths[i] not in lengths[:i]
     assert ('compile_seconds' in record) == new != ('images_per_second' in record), record
+
+
+def test_packed_captions_train_like_one_caption_a_row(tmp_path):
+  # The CleanCLIP objective (both token keys packed) on 8 emulated devices: each device packs its
+  # own captions; the losses are those of the run that feeds one caption a row.
+  changes = {'model.context_length': 32, 'total_steps': 3, 'checkpoint_every_steps': 3,
+             'objective.name': 'cleanclip', 'data.inmodal_views': True}
+  train.run(tiny_config(**changes, **{'data.pack_captions': False}), tmp_path / 'rows')
+  train.run(tiny_config(**changes, **{'data.pack_captions': True}), tmp_path / 'packed')
+  rows = metrics_log.read_jsonl(tmp_path / 'rows' / 'metrics.jsonl')
+  packed = metrics_log.read_jsonl(tmp_path / 'packed' / 'metrics.jsonl')
+  assert [r['text_rows_per_caption'] for r in rows] == [1.0] * 3
+  assert all(r['text_rows_per_caption'] < 1.0 for r in packed), packed
+  np.testing.assert_allclose([r['inmodal_loss'] for r in packed], [r['inmodal_loss'] for r in rows], rtol=1e-5)
+  np.testing.assert_allclose([r['loss'] for r in packed], [r['loss'] for r in rows], rtol=1e-5)

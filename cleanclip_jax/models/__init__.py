@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cleanclip_jax.models.clip import CLIP, ImageClassifier, l2_normalize
+from cleanclip_jax.models.text import PackedTokens
 from cleanclip_jax.models.transformer import ATTENTION_IMPLS
 from cleanclip_jax.models.registry import (MODELS, ModelConfig, TextConfig, VisionConfig, get_config,
                                            list_models)

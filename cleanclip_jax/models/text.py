@@ -1,12 +1,30 @@
 """The text tower: token + positional embedding, causal pre-LN blocks, final LN, the features at the
-EOT token (the largest id in each row), linear projection."""
+EOT token (the largest id in each row), linear projection. It also takes captions packed several
+to a row (`PackedTokens`, made by `text_packing`): the same features for fewer rows."""
 
 from __future__ import annotations
 
+import flax
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from cleanclip_jax.models.transformer import Dtype, LayerNorm, Transformer, normal, partitioned
+
+
+@flax.struct.dataclass
+class PackedTokens:
+  """Captions packed several to a row (layout in `text_packing`'s docstring): token ids, positions
+  within the caption and segment ids [S * R, T]; each caption's EOT as a flat index into its
+  group of R rows, [S, N]. The tower returns the N captions of each group in order: [S * N, ...]."""
+  tokens: jax.Array
+  positions: jax.Array
+  segments: jax.Array
+  eot: jax.Array
+
+  @property
+  def num_captions(self) -> int:
+    return self.eot.size
 
 
 class TextTransformer(nn.Module):
@@ -25,21 +43,29 @@ class TextTransformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens):
-    """tokens: int [B, L] with L <= context_length -> [B, output_dim] (not normalised)."""
-    length = tokens.shape[-1]
+    """tokens: int [B, L] with L <= context_length, or `PackedTokens` of B captions
+    -> [B, output_dim] (not normalised)."""
+    packed = isinstance(tokens, PackedTokens)
+    ids = tokens.tokens if packed else tokens
+    length = ids.shape[-1]
     if length > self.context_length:
-      raise ValueError(f'text tower has context length {self.context_length}, got tokens {tokens.shape}')
+      raise ValueError(f'text tower has context length {self.context_length}, got tokens {ids.shape}')
     x = nn.Embed(self.vocab_size, self.width, dtype=jnp.float32, param_dtype=jnp.float32,
                  embedding_init=partitioned(normal(0.02), 'vocab', 'embed'),
-                 name='token_embedding')(tokens)
+                 name='token_embedding')(ids)
     pos = self.param('positional_embedding', partitioned(normal(0.01), None, 'embed'),
                      (self.context_length, self.width))
-    x = x + pos[:length]
-    # The EOT token has the largest id, so argmax finds it (CLIP's convention).
-    eot = jnp.argmax(tokens, axis=-1)
+    if packed:
+      x = x + jnp.take(pos, tokens.positions, axis=0)
+      eot, segments = tokens.eot, tokens.segments
+    else:
+      x = x + pos[:length]
+      # The EOT token has the largest id, so argmax finds it (CLIP's convention).
+      eot, segments = jnp.argmax(tokens, axis=-1), None
     x = Transformer(self.layers, self.heads, self.mlp_ratio, self.quick_gelu, causal=True,
                     remat=self.remat, dtype=self.dtype, attention=self.attention,
-                    pooled_last_block=self.pooled_last_block, name='transformer')(x, pool_at=eot)
+                    pooled_last_block=self.pooled_last_block, name='transformer')(
+                        x, pool_at=eot, segments=segments)
     x = LayerNorm(name='ln_final')(x)  # per row: the same before or after pooling
     proj = self.param('text_projection', partitioned(normal(self.width ** -0.5), 'embed', None),
                       (self.width, self.output_dim))

@@ -51,19 +51,17 @@ def LayerNorm(name: str) -> nn.LayerNorm:  # pylint: disable=invalid-name
       bias_init=partitioned(nn.initializers.zeros, 'norm'))
 
 
-def einsum_attention(q, k, v, causal: bool, dtype, query_positions=None):
+def einsum_attention(q, k, v, causal: bool, dtype, mask=None):
   """softmax(q k^T) v for pre-scaled q [B, Q, H, D], k/v [B, K, H, D], softmax in float32.
 
-  `query_positions` (int [B, Q]): where the queries sit in the sequence, for a causal mask over
-  queries that are a subset of the positions (default: query i is position i).
+  `mask` (bool, broadcastable to [B, H, Q, K]; True = attend) replaces the causal mask when given.
   """
   logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
-  if causal:
-    q_len, k_len = logits.shape[-2:]
-    if query_positions is None:
-      mask = jnp.tril(jnp.ones((q_len, k_len), bool))
-    else:
-      mask = (jnp.arange(k_len)[None, None, :] <= query_positions[:, :, None])[:, None]  # [B, 1, Q, K]
+  if mask is None and causal:
+    mask = jnp.tril(jnp.ones(logits.shape[-2:], bool))
+  if mask is not None:
+    # A finite minimum, not -inf: its exp is exactly 0 next to any real logit, and a row with
+    # nothing to attend to (an empty packed column) stays finite.
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
   return jnp.einsum('bhqk,bkhd->bqhd', weights, v)
@@ -113,9 +111,9 @@ class MultiHeadAttention(nn.Module):
   attention: str = 'auto'
 
   @nn.compact
-  def __call__(self, inputs_q, inputs_kv, causal: bool = False, query_positions=None):
-    """`query_positions` (int [B, Q]): the positions of `inputs_q` among `inputs_kv`'s, when the
-    queries are a subset (the causal mask needs them; the einsum form is used then)."""
+  def __call__(self, inputs_q, inputs_kv, causal: bool = False, mask=None):
+    """`mask` (bool [B, 1, Q, K], True = attend): an explicit mask instead of `causal` (queries
+    that are a subset of the positions, packed captions); the einsum form computes it."""
     width = inputs_q.shape[-1]
     if width % self.num_heads:
       raise ValueError(f'attention width {width} is not divisible by {self.num_heads} heads')
@@ -133,9 +131,9 @@ class MultiHeadAttention(nn.Module):
     k = project('key', inputs_kv)
     v = project('value', inputs_kv)
     context = None
-    if query_positions is not None:
-      # A few query rows (a pooled block): the [B, H, Q, K] logits are small, no kernel needed.
-      context = einsum_attention(q, k, v, causal, self.dtype, query_positions)
+    if mask is not None:
+      # A pooled block's few query rows, or packed captions (not a mask cuDNN's kernel takes).
+      context = einsum_attention(q, k, v, causal, self.dtype, mask)
     elif self.attention == 'cudnn':
       context = fused_attention(q, k, v, causal, 'cudnn')
     elif self.attention == 'auto' and _cudnn_applies(self.dtype, head_dim):
@@ -170,6 +168,25 @@ class MLP(nn.Module):
                     bias_init=partitioned(nn.initializers.zeros, 'embed'))(x)
 
 
+def attention_mask(length: int | None, kv_length: int, causal: bool, query_positions=None,
+                   segments=None):
+  """The explicit [B, 1, Q, K] attention mask for queries at `query_positions` (int [B, Q]; None:
+  every one of `length` positions) and/or `segments` (int [B, K]); None when neither is given
+  (`causal` alone is the plain lower triangle, which the attention kernels build themselves)."""
+  if query_positions is None and segments is None:
+    return None
+  keys = jnp.arange(kv_length)
+  queries = keys[None, :length] if query_positions is None else query_positions  # [B or 1, Q]
+  # Not causal (ViT's pooled block): all True, which still selects the einsum form, right for a
+  # few query rows.
+  mask = keys[None, None, :] <= queries[:, :, None] if causal else jnp.ones((1, 1, kv_length), bool)
+  if segments is not None:
+    query_segments = segments if query_positions is None else jnp.take_along_axis(
+        segments, query_positions, axis=1)
+    mask = mask & (query_segments[:, :, None] == segments[:, None, :])
+  return mask[:, None]
+
+
 class ResidualAttentionBlock(nn.Module):
   """x + attn(ln_1(x)); x + mlp(ln_2(x)). The residual stream is float32."""
   num_heads: int
@@ -181,35 +198,44 @@ class ResidualAttentionBlock(nn.Module):
   attention: str = 'auto'
 
   @nn.compact
-  def __call__(self, x, query_positions=None):
-    """x [B, T, W] -> [B, T, W]; with `query_positions` (int [B]) -> [B, W], the output row at
-    that position of each sequence only (every position still serves as key and value)."""
+  def __call__(self, x, query_positions=None, segments=None):
+    """x [B, T, W] -> [B, T, W]; with `query_positions` (int [B] or [B, Q]) -> [B, W] or
+    [B, Q, W], the output rows at those positions only (every position still serves as key and
+    value). `segments` (int [B, T]): a position attends only to positions of its own segment
+    (packed captions, see `text_packing`)."""
     width = x.shape[-1]
     attn_std = width ** -0.5
     proj_std = attn_std * (2 * self.num_layers) ** -0.5
     h = LayerNorm(name='ln_1')(x)
     h_q = h
-    if query_positions is not None:
+    one_query = query_positions is not None and query_positions.ndim == 1
+    if one_query:
       query_positions = query_positions[:, None]  # [B, 1]
-      x = jnp.take_along_axis(x, query_positions[:, :, None], axis=1)  # [B, 1, W]
+    if query_positions is not None:
+      x = jnp.take_along_axis(x, query_positions[:, :, None], axis=1)  # [B, Q, W]
       h_q = jnp.take_along_axis(h, query_positions[:, :, None], axis=1)
+    mask = attention_mask(x.shape[1] if query_positions is None else None, h.shape[1],
+                          self.causal, query_positions, segments)
     h = MultiHeadAttention(self.num_heads, in_std=attn_std, out_std=proj_std, dtype=self.dtype,
                            attention=self.attention, name='attn')(h_q, h, causal=self.causal,
-                                                                 query_positions=query_positions)
+                                                                 mask=mask)
     x = x + h.astype(jnp.float32)
     h = LayerNorm(name='ln_2')(x)
     h = MLP(int(width * self.mlp_ratio), self.quick_gelu, fc_std=(2 * width) ** -0.5,
             proj_std=proj_std, dtype=self.dtype, name='mlp')(h)
     x = x + h.astype(jnp.float32)
-    return x if query_positions is None else x[:, 0]
+    return x[:, 0] if one_query else x
 
 
 class Transformer(nn.Module):
   """A stack of `layers` blocks named resblocks_0..N-1; `remat` recomputes each block's
   activations in the backward pass (memory for FLOPs).
 
-  `__call__(x, pool_at=None)`: x [B, T, W] -> [B, T, W]; with `pool_at` (int [B], the position each
-  sequence is pooled at) -> [B, W], that position's output only. With `pooled_last_block` the last
+  `__call__(x, pool_at=None, segments=None)`: x [B, T, W] -> [B, T, W]; with `pool_at` (int [B],
+  the position each sequence is pooled at) -> [B, W], that position's output only. Packed
+  sequences (`text_packing`): `segments` (int [S * R, T]) keeps attention within each segment, and
+  `pool_at` (int [S, N]) indexes the N pooled positions of each group of R rows flattened
+  (R * T positions) -> [S * N, W]. With `pooled_last_block` the last
   block computes just that row (its query, attention output and MLP for 1 of the T rows; every
   row still feeds it through attention); otherwise every row is computed and the pooled one
   taken after. The pooled row is the same function of the inputs either way, so towers that pool
@@ -227,13 +253,35 @@ class Transformer(nn.Module):
   pooled_last_block: bool = True
 
   @nn.compact
-  def __call__(self, x, pool_at=None):
+  def __call__(self, x, pool_at=None, segments=None):
     block = nn.remat(ResidualAttentionBlock) if self.remat else ResidualAttentionBlock
     pool_in_block = pool_at is not None and self.pooled_last_block and self.layers > 0
+    packed = segments is not None
+    if packed and (pool_at is None or pool_at.ndim != 2):
+      raise ValueError('packed sequences (segments) need pool_at of shape [groups, pooled]')
+
+    def grouped(x, segments):
+      # A group's rows as one sequence: each pooled query sees its own segment's positions, which
+      # lie in one row, and nothing else.
+      groups = pool_at.shape[0]
+      return (x.reshape(groups, -1, x.shape[-1]), segments.reshape(groups, -1))
+
     for i in range(self.layers):
       last = pool_in_block and i == self.layers - 1
-      x = block(self.num_heads, self.mlp_ratio, self.quick_gelu, self.causal, self.layers,
-                self.dtype, self.attention, name=f'resblocks_{i}')(x, pool_at if last else None)
+      layer = block(self.num_heads, self.mlp_ratio, self.quick_gelu, self.causal, self.layers,
+                    self.dtype, self.attention, name=f'resblocks_{i}')
+      if last and packed:
+        x_groups, segment_groups = grouped(x, segments)
+        x = layer(x_groups, pool_at, segment_groups)  # [S, N, W]
+      elif last:
+        x = layer(x, pool_at)
+      else:
+        x = layer(x, None, segments)
     if pool_at is not None and not pool_in_block:
-      x = jnp.take_along_axis(x, pool_at[:, None, None], axis=1)[:, 0]
+      if packed:
+        x = jnp.take_along_axis(grouped(x, segments)[0], pool_at[:, :, None], axis=1)
+      else:
+        x = jnp.take_along_axis(x, pool_at[:, None, None], axis=1)[:, 0]
+    if packed:
+      x = x.reshape(-1, x.shape[-1])  # [S * N, W]
     return x
