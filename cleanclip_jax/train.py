@@ -183,7 +183,11 @@ class PreemptionWatch:
 def text_batch(batch: dict, config: ml_collections.ConfigDict, mesh) -> dict:
   """The host batch as the step takes it: captions packed into fewer token rows
   (`data.pack_captions`, one packing per device of this process) or cut after the longest one
-  (`data.token_bucket`). Every process calls it at every step (the hosts agree on the shape)."""
+  (`data.token_bucket`). Every process calls it at every step (the hosts agree on the shape).
+  The supervised objective reads no captions: they are dropped (no transfer, no shapes to
+  compile for)."""
+  if config.objective.name == 'supervised':
+    return {k: v for k, v in batch.items() if k not in text_length.TOKEN_KEYS}
   if config.data.get('pack_captions', False) and int(config.optimizer.accum_steps) <= 1:
     return text_packing.pack_tokens(batch, len(mesh.local_devices))
   return text_length.trim_tokens(batch, int(config.data.token_bucket))

@@ -7,7 +7,7 @@ import pathlib
 import pytest
 
 from cleanclip_jax import config as config_lib
-from cleanclip_jax import demo
+from cleanclip_jax import demo, metrics_log
 
 STAGES = ['pretrain', 'pretrain_clean', 'finetune_mmcl', 'finetune_cleanclip', 'finetune_supervised']
 # The end-to-end test skips the clean baseline (one stage less to compile); its config is checked below.
@@ -42,6 +42,11 @@ def test_fast_study_reports_every_stage_and_resumes(tmp_path, capsys):
   assert by_stage['finetune_supervised']['zeroshot_asr'] == \
       by_stage['finetune_supervised']['metrics']['zeroshot_asr']
   assert (workdir / 'report.png').stat().st_size > 1000
+  # The trainer feeds captions to the objectives that read them: packed for the CLIP objectives,
+  # dropped for the supervised one.
+  for stage, packed in (('finetune_cleanclip', True), ('finetune_supervised', False)):
+    logged = metrics_log.read_jsonl(workdir / stage / 'metrics.jsonl')
+    assert all((0 < r['text_rows_per_caption'] < 1) == packed for r in logged), (stage, logged)
   markdown = (workdir / 'report.md').read_text()
   for row in on_disk['rows']:
     assert row['label'] in markdown
