@@ -45,7 +45,8 @@ def bucketed_length(needed: int, bucket: int, context: int) -> int:
   return min(context, bucket * math.ceil(needed / bucket))
 
 
-def _global_max(value: int) -> int:
+def hosts_max(value: int) -> int:
+  """The largest of every process's `value` (every process must call it at the same point)."""
   if jax.process_count() == 1:
     return value
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
@@ -68,7 +69,7 @@ def trim_tokens(batch: Mapping[str, np.ndarray], bucket: int) -> dict[str, np.nd
   context = contexts.pop()
   if bucket >= context:  # nothing to cut (and no need to ask the other hosts)
     return out
-  needed = _global_max(max(needed_length(batch[k]) for k in keys))
+  needed = hosts_max(max(needed_length(batch[k]) for k in keys))
   length = bucketed_length(needed, bucket, context)
   if length < context:
     for k in keys:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-import jax
 import numpy as np
 
 from cleanclip_jax import text_length
@@ -122,14 +121,6 @@ def row_bucket(per_shard: int) -> int:
   return max(1, per_shard // 16)
 
 
-def _global_max(values: list[int]) -> list[int]:
-  if jax.process_count() == 1:
-    return values
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  gathered = multihost_utils.process_allgather(np.asarray(values, np.int32))
-  return [int(v) for v in np.max(np.reshape(gathered, (-1, len(values))), axis=0)]
-
-
 def pack_tokens(batch: Mapping[str, np.ndarray], shards: int) -> dict[str, np.ndarray]:
   """`batch` with each token array replaced by its packed form (the other keys as they are).
 
@@ -146,7 +137,7 @@ def pack_tokens(batch: Mapping[str, np.ndarray], shards: int) -> dict[str, np.nd
   length = contexts.pop()
   per_shard = np.shape(batch[keys[0]])[0] // max(1, shards)
   placed = {k: placement(batch[k], shards, length) for k in keys}
-  [rows] = _global_max([max(p[2] for p in placed.values())])
+  rows = text_length.hosts_max(max(p[2] for p in placed.values()))
   bucket = row_bucket(per_shard)
   rows = bucket * math.ceil(rows / bucket)
   for k in keys:
@@ -159,7 +150,7 @@ def is_packed(batch: Mapping, key: str = 'tokens') -> bool:
   return f'{key}_{FIELDS[-1]}' in batch
 
 
-def packed_shape(batch: Mapping) -> tuple[int, int]:
+def packed_shape(batch: Mapping) -> tuple[int, float]:
   """(length, rows per caption) of the batch's text input: (0, 0) without tokens, rows per caption
   1 when not packed."""
   if is_packed(batch):

@@ -22,10 +22,6 @@ class PackedTokens:
   segments: jax.Array
   eot: jax.Array
 
-  @property
-  def num_captions(self) -> int:
-    return self.eot.size
-
 
 class TextTransformer(nn.Module):
   context_length: int
