@@ -16,9 +16,9 @@ count for every implementation; the FLOPs the pooled step executes are printed b
 Captions are 6..76 tokens by default (`--max-caption-tokens N`: 6..N). The JAX steps get the
 batch as the trainer feeds it: the captions packed several to a token row of 77
 (`data.pack_captions`, on by default), or with `--no-pack-captions` one caption a row, cut after
-the longest caption (`data.token_bucket`); open_clip always computes 64 rows of 77. MFU is printed for the model's FLOPs at all
-77 columns (what open_clip computes) and at the rows and columns fed (`mfu_at_tokens_fed`), since
-the full count would credit the skipped tokens. Then the
+the longest caption (`data.token_bucket`); open_clip always computes 64 rows of 77. MFU is printed
+for the model's FLOPs at all 77 columns (what open_clip computes) and at the rows and columns fed
+(`mfu_at_tokens_fed`), since the full count would credit the skipped tokens. Then the
 sharded-loss memory check: for the dense and the sharded CLIP loss, the per-device
 temp bytes XLA plans for the loss gradient at 4 and 8 emulated CPU devices with a fixed per-device
 batch (each in a subprocess, since the device count is fixed at JAX start-up). Last line: JSON.

@@ -85,11 +85,6 @@ def placement(tokens: np.ndarray, shards: int, row_length: int) -> tuple[np.ndar
           max((p[2] for p in parts), default=0))
 
 
-def rows_needed(tokens: np.ndarray, shards: int, row_length: int) -> int:
-  """The most rows any of the `shards` equal parts of `tokens` packs into."""
-  return placement(tokens, shards, row_length)[2]
-
-
 def pack(tokens: np.ndarray, shards: int, row_length: int, rows: int,
          placed: tuple[np.ndarray, np.ndarray, int] | None = None) -> dict[str, np.ndarray]:
   """The packed arrays, keyed by `FIELDS` (see the module docstring).

@@ -345,13 +345,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
         state, metrics = step_fn(state, sharding.host_batch_to_global(host_batch, mesh))
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         text_shape = (token_length, rows_per_caption)
-        new_length = text_shape not in text_shapes_seen
+        new_shape = text_shape not in text_shapes_seen
         text_shapes_seen.add(text_shape)
         # A step that compiled (the first, or the first at a new text shape) stays out of the
         # throughput averages.
-        step_seconds = throughput.tick(token_length, rows_per_caption, count=not new_length)
+        step_seconds = throughput.tick(token_length, rows_per_caption, count=not new_shape)
         first = step == start_step + 1
-        if new_length and not first:
+        if new_shape and not first:
           rows = round(rows_per_caption * config.batch_size)
           logging.info('step %d: compiled the step for text of %d rows x %d tokens (%.1f s)',
                        step, rows, token_length, step_seconds)
@@ -360,7 +360,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
         if (step % config.log_every_steps == 0 or step == total or first
             or not math.isfinite(loss)):
           values = dict(metrics, **throughput.window(), nan_skips=nan_skips)
-          if new_length:
+          if new_shape:
             values['compile_seconds'] = step_seconds
           writer.write(step, values)
           last_metrics = values

@@ -71,7 +71,7 @@ def test_pack_tokens_replaces_both_token_keys_with_one_shape():
   assert packed['tokens_packed'].shape == packed['aug_tokens_packed'].shape
   rows = packed['tokens_packed'].shape[0] // 2
   assert rows % text_packing.row_bucket(32) == 0
-  assert rows >= text_packing.rows_needed(tokens, 2, length)
+  assert rows >= text_packing.placement(tokens, 2, length)[2]
   assert text_packing.packed_shape(packed) == (length, 2 * rows / 64)
   assert text_packing.packed_shape(batch) == (CONTEXT, 1.0)
   assert text_packing.packed_shape({'label': batch['label']}) == (0, 0.0)
