@@ -291,17 +291,19 @@ def main(argv=None):
     memory_child(args)
     return
   _pin_threads(args.threads)
-  from cleanclip_jax import host_memory
+  from cleanclip_jax import cpu_dots, host_memory
   # As the trainer does (CLEANCLIP_KEEP_FREED_MEMORY=0 opts out); for open_clip's step too.
   kept = host_memory.keep_freed_memory()
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+  onednn = cpu_dots.route_dots_to_onednn()  # as the trainer does (CLEANCLIP_ONEDNN_DOTS=0 opts out)
   import jax
   from cleanclip_jax import flops, models
 
   memory = [] if args.skip_memory else run_memory(args)
   print(f'backend {jax.default_backend()}, {args.threads} threads '
         f'(affinity {sorted(os.sched_getaffinity(0))}), batch {args.batch}, model {args.model}, '
-        f'host_memory.keep_freed_memory {"on" if kept else "off"}', flush=True)
+        f'host_memory.keep_freed_memory {"on" if kept else "off"}, '
+        f'XLA CPU dots through oneDNN {"on" if onednn else "off"}', flush=True)
   runners = {'clip': jax_step_runner(args, 'clip'), 'cleanclip': jax_step_runner(args, 'cleanclip')}
   if not args.skip_every_row:
     runners['clip_every_row'] = jax_step_runner(args, 'clip', pooled_last_block=False)
@@ -328,7 +330,7 @@ def main(argv=None):
   print(f'captions of 6..{longest} tokens; the JAX clip steps are fed {fed} '
         f'(pack_captions {args.pack_captions}; token_bucket {args.token_bucket} if not packed), open_clip '
         f'{args.batch} rows of {cfg.text.context_length}')
-  summary = {'threads': args.threads, 'batch': args.batch, 'keep_freed_memory': kept,
+  summary = {'threads': args.threads, 'batch': args.batch, 'keep_freed_memory': kept, 'onednn_dots': onednn,
              'load_average': round(os.getloadavg()[0], 2),
              'max_caption_tokens': longest, 'pack_captions': args.pack_captions,
              'token_columns': length, 'text_rows': round(rows * args.batch)}

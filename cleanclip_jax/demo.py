@@ -25,7 +25,7 @@ import sys
 import time
 
 from cleanclip_jax import config as config_lib
-from cleanclip_jax import host_memory
+from cleanclip_jax import cpu_dots, host_memory
 
 # stage (a preset of configs/demo.py) -> human label, in the order they run
 LABELS = {
@@ -256,6 +256,7 @@ def main(argv=None):
     print('\n'.join(synthetic.CLASS_NAMES))
     return 0
   host_memory.keep_freed_memory()  # unless CLEANCLIP_KEEP_FREED_MEMORY=0; before JAX makes its CPU client
+  cpu_dots.route_dots_to_onednn()  # unless CLEANCLIP_ONEDNN_DOTS=0; likewise before the CPU client
   _use_compilation_cache(pathlib.Path(args.workdir) / 'jax_cache')
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
   # orbax narrates every save at INFO through absl; keep the trainer's progress lines (its step

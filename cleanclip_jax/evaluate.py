@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cleanclip_jax import eval_metrics, host_memory, zeroshot
+from cleanclip_jax import cpu_dots, eval_metrics, host_memory, zeroshot
 from cleanclip_jax.data.normalize import normalize
 
 log = logging.getLogger(__name__)
@@ -623,6 +623,7 @@ def main(argv=None) -> None:
       raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
     host_memory.keep_freed_memory()  # unless CLEANCLIP_KEEP_FREED_MEMORY=0; before JAX makes its CPU client
+    cpu_dots.route_dots_to_onednn()  # unless CLEANCLIP_ONEDNN_DOTS=0; likewise before the CPU client
     FLAGS = flags.FLAGS
     run_job(FLAGS.workdir, FLAGS.config, follow=FLAGS.follow, step=FLAGS.step,
             timeout=FLAGS.timeout, poll_seconds=FLAGS.poll_seconds, force=FLAGS.force)

@@ -46,8 +46,8 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cleanclip_jax import (checkpoint, distributed, flops, host_memory, metrics_log, sharding, text_length,
-                           text_packing, train_step)
+from cleanclip_jax import (checkpoint, cpu_dots, distributed, flops, host_memory, metrics_log, sharding,
+                           text_length, text_packing, train_step)
 from cleanclip_jax import config as config_lib
 
 PREEMPTED_EXIT_CODE = 143
@@ -481,6 +481,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError('give --config=configs/<file>.py[:preset] and --workdir=DIR')
   quiet_library_logs()
   host_memory.keep_freed_memory()  # unless CLEANCLIP_KEEP_FREED_MEMORY=0; before JAX makes its CPU client
+  cpu_dots.route_dots_to_onednn()  # unless CLEANCLIP_ONEDNN_DOTS=0; likewise before the CPU client
   distributed.initialize()
   try:
     summary = run(_CONFIG.value, _WORKDIR.value)

@@ -1,0 +1,68 @@
+"""cpu_dots.route_dots_to_onednn: XLA CPU dots run as oneDNN matmuls, same numbers, opt-out kept."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+
+from cleanclip_jax import cpu_dots
+
+# In a fresh process (XLA reads XLA_FLAGS once per process): whether the flags were applied, and
+# which thunks the compiled dots became, and the gradients of a least-squares dense layer: its
+# weight gradient is the dot XLA otherwise leaves to Eigen (`x^T r`, contracted over the rows).
+_CHILD = textwrap.dedent('''
+    import json
+    import numpy as np
+    from cleanclip_jax import cpu_dots
+    applied = cpu_dots.route_dots_to_onednn()
+    import jax, jax.numpy as jnp
+    rng = np.random.default_rng(0)
+    x, w, y = (rng.standard_normal(shape).astype(np.float32) for shape in ((96, 64), (64, 32), (96, 32)))
+    f = jax.jit(jax.grad(lambda w, x: 0.5 * jnp.sum((x @ w - y) ** 2), argnums=(0, 1)))
+    hlo = f.lower(w, x).compile().as_text()
+    gw, gx = f(w, x)
+    again = cpu_dots.route_dots_to_onednn()  # after the backend exists: reports, changes nothing
+    print(json.dumps({'applied': applied, 'again': again, 'onednn': hlo.count('onednn'),
+                      'gw': np.asarray(gw).tolist(), 'gx': np.asarray(gx).tolist()}))
+''')
+
+
+def _child(**env_changes):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  env.pop('CLEANCLIP_ONEDNN_DOTS', None)
+  env.update(env_changes)
+  env = {key: value for key, value in env.items() if value is not None}
+  out = subprocess.run([sys.executable, '-c', _CHILD], env=env, capture_output=True, text=True,
+                       timeout=300, check=True)
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_dots_become_onednn_matmuls_with_f32_accuracy():
+  on = _child()
+  off = _child(CLEANCLIP_ONEDNN_DOTS='0')
+  # JAX_PLATFORMS unset, as on a user's CPU machine: no GPU / TPU plugin here, so the CPU it is.
+  unset = _child(JAX_PLATFORMS=None)
+  assert on['applied'] and on['again'] and on['onednn'] > 0
+  assert unset['applied'] and unset['onednn'] > 0
+  assert not off['applied'] and not off['again'] and off['onednn'] == 0
+  rng = np.random.default_rng(0)  # the child's inputs, and its gradients in float64
+  x, w, y = (rng.standard_normal(shape).astype(np.float32).astype(np.float64)
+             for shape in ((96, 64), (64, 32), (96, 32)))
+  residual = x @ w - y
+  exact = {'gw': x.T @ residual, 'gx': residual @ w.T}
+  for result in (on, off, unset):  # the same products, summed in other orders: all f32-accurate
+    for name, value in exact.items():
+      np.testing.assert_allclose(result[name], value, rtol=1e-5, atol=1e-5 * np.abs(value).max())
+
+
+def test_leaves_xla_flags_alone_when_told_or_not_on_cpu(monkeypatch):
+  monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_use_onednn=false')  # the user's own setting wins
+  assert not cpu_dots.route_dots_to_onednn()
+  assert os.environ['XLA_FLAGS'] == '--xla_cpu_use_onednn=false'
+  monkeypatch.setenv('XLA_FLAGS', '')
+  monkeypatch.setenv('JAX_PLATFORMS', 'cuda,cpu')  # a GPU job: its jaxlib may not know the flags
+  assert not cpu_dots.route_dots_to_onednn()
+  assert os.environ['XLA_FLAGS'] == ''
