@@ -231,6 +231,41 @@ def load_config(path_or_workdir: epath.PathLike, step: int | None = None) -> ml_
 # ----------------------------------------------------------------------------- the trainer's side
 
 
+def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """{'params/tower/kernel': shape} of every array leaf, whatever the containers (dataclass fields,
+  dict keys, tuple positions: a `TrainState` and the nested dicts of its saved metadata agree)."""
+  def name(key) -> str:
+    for attribute in ('name', 'key', 'idx'):
+      if hasattr(key, attribute):
+        return str(getattr(key, attribute))
+    return str(key)
+  return {'/'.join(name(k) for k in path): tuple(getattr(leaf, 'shape', ()))
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def state_mismatches(state_dir: epath.PathLike, abstract_state: Any, limit: int = 8) -> list[str]:
+  """How the saved train state in `state_dir` differs from `abstract_state` in its arrays' names
+  and shapes, one line per array (at most `limit`, then a count); [] when they agree.
+
+  Read from the checkpoint's metadata, before any array is: orbax itself reports only a shape
+  that it cannot restore, without saying which array, and only after starting to read them all.
+  Dtypes are not compared: restore converts them.
+  """
+  stored = _leaf_shapes(ocp.PyTreeCheckpointer().metadata(epath.Path(state_dir)).item_metadata.tree)
+  wanted = _leaf_shapes(abstract_state)
+  problems = []
+  for path in sorted(stored.keys() | wanted.keys()):
+    if path not in stored:
+      problems.append(f'{path}: not in the checkpoint (this run: {wanted[path]})')
+    elif path not in wanted:
+      problems.append(f'{path}: in the checkpoint {stored[path]}, not in this run\'s state')
+    elif stored[path] != wanted[path]:
+      problems.append(f'{path}: checkpoint {stored[path]}, this run {wanted[path]}')
+  if len(problems) > limit:
+    problems = problems[:limit] + [f'... and {len(problems) - limit} more']
+  return problems
+
+
 def _sync(name: str) -> None:
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
@@ -345,21 +380,32 @@ class Checkpointer:
       if problems:
         self._reject(step, '; '.join(problems))
         continue
+      # Every file matched its manifest, so the checkpoint is intact; if it does not fit this
+      # run's state (another model or objective in the same workdir), moving it aside would
+      # discard good work: stop and say so instead.
+      try:
+        mismatches = state_mismatches(self.root / str(step) / 'state', abstract_state)
+      except Exception as e:  # pylint: disable=broad-except
+        # Unreadable metadata: leave the verdict to the restore itself.
+        logging.warning('Could not compare checkpoint %s with this run\'s state: %s', step, e)
+        mismatches = []
+      if mismatches:
+        raise self._mismatch(step, 'arrays differ: ' + '; '.join(mismatches))
       args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                 data=grain_checkpoint.CheckpointRestore(data_iterator))
       try:
         restored = self._manager.restore(step, args=args)
       except Exception as e:  # pylint: disable=broad-except
-        # Every file matched its manifest, so the checkpoint is intact: it does not fit this
-        # run's state (another model or objective in the same workdir). Moving it aside would
-        # discard good work; stop and say so instead.
-        raise CheckpointMismatchError(
-            f'checkpoint {self.root / str(step)} is intact but does not match this run\'s train '
-            f'state ({type(e).__name__}: {e}). Resume with the config that wrote it '
-            f'(stored in its config item), or use a new --workdir.') from e
+        raise self._mismatch(step, f'{type(e).__name__}: {e}') from e
       logging.info('Resumed from checkpoint %s', self.root / str(step))
       return step, restored['state']
     return None
+
+  def _mismatch(self, step: int, detail: str) -> CheckpointMismatchError:
+    return CheckpointMismatchError(
+        f'checkpoint {self.root / str(step)} is intact but does not match this run\'s train state '
+        f'({detail}). Resume with the config that wrote it (stored in its config item), or use a '
+        'new --workdir.')
 
   def close(self) -> None:
     """Waits for the save in flight (raising if it failed) and releases the manager."""

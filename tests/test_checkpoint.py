@@ -114,10 +114,33 @@ def test_intact_checkpoint_of_another_state_is_an_error_not_quarantined(tmp_path
   other = make_state(0, mesh)
   other = other.replace(params={**other.params, 'tower': {'kernel': jnp.zeros((8, 6))}})
   restorer = checkpoint.Checkpointer(tmp_path)
-  with pytest.raises(checkpoint.CheckpointMismatchError, match='does not match'):
+  # Named before any array is read: which array, and both shapes.
+  with pytest.raises(checkpoint.CheckpointMismatchError,
+                     match=r'checkpoints/2 is intact but does not match .*params/tower/kernel: '
+                           r'checkpoint \(8, 4\), this run \(8, 6\)'):
     restorer.restore_latest(abstract(other), make_iterator())
   restorer.close()
   assert checkpoint.committed_steps(tmp_path) == [1, 2]  # nothing moved aside
+
+
+def test_state_mismatches_names_missing_extra_and_reshaped_arrays(tmp_path, mesh):
+  save_steps(tmp_path, mesh, [1])
+  state_dir = tmp_path / 'checkpoints' / '1' / 'state'
+  same = make_state(5, mesh)
+  assert checkpoint.state_mismatches(state_dir, abstract(same)) == []
+  # A dtype alone is no mismatch (restore converts it).
+  assert checkpoint.state_mismatches(state_dir, jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16 if x.dtype == jnp.float32 else x.dtype),
+      same)) == []
+  params = {'tower': {'kernel': jnp.zeros((8, 6))}, 'head': jnp.zeros(3)}  # no logit_scale
+  other = same.replace(params=params, opt_state=optax.adamw(1e-3).init(params))
+  problems = checkpoint.state_mismatches(state_dir, abstract(other), limit=100)
+  assert 'params/head: not in the checkpoint (this run: (3,))' in problems
+  assert "params/logit_scale: in the checkpoint (), not in this run's state" in problems
+  assert 'params/tower/kernel: checkpoint (8, 4), this run (8, 6)' in problems
+  assert 'opt_state/0/mu/tower/kernel: checkpoint (8, 4), this run (8, 6)' in problems
+  assert len(problems) == 9  # 3 each for params, mu and nu
+  assert checkpoint.state_mismatches(state_dir, abstract(other), limit=2)[2] == '... and 7 more'
 
 
 def test_relative_workdir(tmp_path, mesh, monkeypatch):
