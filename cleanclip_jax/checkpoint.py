@@ -234,12 +234,7 @@ def load_config(path_or_workdir: epath.PathLike, step: int | None = None) -> ml_
 def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   """{'params/tower/kernel': shape} of every array leaf, whatever the containers (dataclass fields,
   dict keys, tuple positions: a `TrainState` and the nested dicts of its saved metadata agree)."""
-  def name(key) -> str:
-    for attribute in ('name', 'key', 'idx'):
-      if hasattr(key, attribute):
-        return str(getattr(key, attribute))
-    return str(key)
-  return {'/'.join(name(k) for k in path): tuple(getattr(leaf, 'shape', ()))
+  return {jax.tree_util.keystr(path, simple=True, separator='/'): tuple(getattr(leaf, 'shape', ()))
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
