@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps, PngImagePlugin
 
 from cleanclip_jax import config as config_lib
 from cleanclip_jax.data import decode, pipeline, sources
@@ -156,6 +156,47 @@ def test_odd_modes_decode_to_rgb(corpus):
   np.testing.assert_array_equal(_decode(corpus, 'anim.gif')[0, 0], [255, 0, 0])  # first frame
   assert _decode(corpus, 'rotated.jpg').shape == (8, 4, 3)  # EXIF orientation applied
   np.testing.assert_array_equal(_decode(corpus, 'gray.png')[0, 0], [77, 77, 77])
+
+
+def _oriented(format_name: str, carrier: str) -> bytes:
+  """An 8 x 4 image, left half red, saved as `format_name` with orientation 6 in `carrier`
+  ('exif', 'xmp' or 'none')."""
+  image = Image.new('RGB', (8, 4), (0, 0, 255))
+  image.paste((255, 0, 0), (0, 0, 4, 4))
+  kwargs = {}
+  if carrier == 'exif':
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    kwargs['exif'] = exif.tobytes()
+  elif carrier == 'xmp':
+    xmp = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/'
+           '22-rdf-syntax-ns#"><rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" '
+           'tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    if format_name == 'PNG':  # PNG keeps XMP in an iTXt chunk
+      kwargs['pnginfo'] = PngImagePlugin.PngInfo()
+      kwargs['pnginfo'].add_itxt('XML:com.adobe.xmp', xmp)
+    else:
+      kwargs['xmp'] = xmp.encode()
+  buffer = io.BytesIO()
+  image.save(buffer, format_name, **kwargs)
+  return buffer.getvalue()
+
+
+@pytest.mark.parametrize('format_name,carrier', [
+    ('JPEG', 'exif'), ('JPEG', 'xmp'), ('JPEG', 'none'), ('PNG', 'exif'), ('PNG', 'xmp'),
+    ('PNG', 'none'), ('TIFF', 'exif'), ('TIFF', 'none'), ('WEBP', 'exif'), ('WEBP', 'none')])
+def test_orientation_is_applied_wherever_pil_reads_it(format_name, carrier):
+  # decode skips PIL's EXIF look-up for images that carry no metadata it reads an orientation
+  # from; every carrier must still turn the image exactly as ImageOps.exif_transpose does.
+  data = _oriented(format_name, carrier)
+  expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data)).convert('RGB')))
+  image = decode.decode_image({'image_bytes': data})
+  assert image.shape == ((8, 4, 3) if carrier != 'none' else (4, 8, 3))
+  if format_name == 'JPEG' or format_name == 'WEBP':  # lossy: compare the layout, not exact values
+    np.testing.assert_allclose(image.astype(int), expected.astype(int), atol=40)
+    assert image[0, 0, 0] > 200 if carrier == 'none' else image[0, -1, 0] > 200  # red moved
+  else:
+    np.testing.assert_array_equal(image, expected)
 
 
 def test_in_memory_arrays():

@@ -81,7 +81,7 @@ def decode_native(record: dict[str, Any], *, max_pixels: int = MAX_PIXELS,
     data = _read_file(path)
   if not data:
     raise BadImageError('empty_file', path)
-  return _decode_bytes(bytes(data), path, max_pixels, draft_size)
+  return _decode_bytes(data if isinstance(data, bytes) else bytes(data), path, max_pixels, draft_size)
 
 
 def decode_or_none(record: dict[str, Any], *, native: bool = False,
@@ -147,7 +147,17 @@ def _truncated_or_corrupt(error: Exception) -> str:
   return 'truncated' if 'truncated' in text or 'broken data stream' in text else 'corrupt'
 
 
+# Where PIL looks for an orientation (`Image.getexif`): EXIF in `info`, a TIFF's own tags, XMP.
+_ORIENTATION_KEYS = ('exif', 'Raw profile type exif', 'XML:com.adobe.xmp', 'xmp')
+
+
 def _apply_orientation(image: Image.Image) -> Image.Image:
+  # An image with none of the places PIL reads an orientation from (most web JPEGs) has none; the
+  # check costs ~0.3 us against exif_transpose's ~2 us hot and ~10 us inside the pipeline, where
+  # the decode has just pushed PIL's Python code out of the caches.
+  info = image.info
+  if not any(key in info for key in _ORIENTATION_KEYS) and not hasattr(image, 'tag_v2'):
+    return image
   # In place: the default returns a copy of every image that needs no turning (~15 us at 256 px).
   try:
     ImageOps.exif_transpose(image, in_place=True)
