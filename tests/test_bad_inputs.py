@@ -4,6 +4,9 @@ naming the file and row, and the good rows still come through."""
 import io
 import logging
 import os
+import struct
+import warnings
+import zlib
 
 import numpy as np
 import pytest
@@ -197,6 +200,28 @@ def test_orientation_is_applied_wherever_pil_reads_it(format_name, carrier):
     assert image[0, 0, 0] > 200 if carrier == 'none' else image[0, -1, 0] > 200  # red moved
   else:
     np.testing.assert_array_equal(image, expected)
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+  # A PNG signature and IHDR claiming width x height (8-bit RGB), then IEND: PIL reads the size
+  # from the header alone.
+  def chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack('>I', len(payload)) + kind + payload + struct.pack('>I', zlib.crc32(kind + payload))
+  header = struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0)
+  return b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IEND', b'')
+
+
+def test_image_over_pils_bomb_limit_is_too_large_and_filters_are_untouched():
+  # 100 MP: over PIL's warning limit (~89 MP), under its error limit; refused from the header.
+  filters = list(warnings.filters)
+  with pytest.warns(Image.DecompressionBombWarning):
+    with pytest.raises(decode.BadImageError) as info:
+      decode.decode_image({'image_bytes': _png_header_only(10_000, 10_000), 'image_path': 'big.png'})
+  assert info.value.reason == 'too_large' and 'big.png' in str(info.value)
+  with pytest.raises(decode.BadImageError) as info:  # over PIL's error limit (~179 MP)
+    decode.decode_image({'image_bytes': _png_header_only(20_000, 10_000)})
+  assert info.value.reason == 'too_large'
+  assert list(warnings.filters) == filters  # decoding never rewrites the process's filters
 
 
 def test_in_memory_arrays():

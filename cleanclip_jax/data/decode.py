@@ -22,7 +22,6 @@ Pure numpy/PIL (no jax): it runs inside grain worker processes.
 from __future__ import annotations
 
 import io
-import warnings
 from typing import Any
 
 import numpy as np
@@ -107,37 +106,38 @@ def _read_file(path: str) -> bytes:
 
 
 def _decode_bytes(data: bytes, path: str, max_pixels: int, draft_size: int | None) -> Image.Image:
-  with warnings.catch_warnings():
-    # Our own limit is stricter than PIL's; its warning would only repeat what we check.
-    warnings.simplefilter('ignore', Image.DecompressionBombWarning)
-    try:
-      image = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-      raise BadImageError('not_an_image', path) from None
-    except Image.DecompressionBombError as e:
-      raise BadImageError('too_large', path, str(e)) from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-      raise BadImageError(_truncated_or_corrupt(e), path, f'{type(e).__name__}: {e}') from None
-    width, height = image.size
-    if width <= 0 or height <= 0:
-      raise BadImageError('corrupt', path, f'header says {width}x{height}')
-    if width * height > max_pixels:
-      raise BadImageError('too_large', path, f'{width}x{height} > MAX_PIXELS={max_pixels:,}')
-    try:
-      if getattr(image, 'n_frames', 1) > 1:
-        image.seek(0)
-      if draft_size and image.format == 'JPEG':
-        image.draft(image.mode, (draft_size, draft_size))
-      image.load()
-    except OSError as e:
-      raise BadImageError(_truncated_or_corrupt(e), path, str(e)) from None
-    except (SyntaxError, ValueError, EOFError, IndexError, Image.DecompressionBombError) as e:
-      raise BadImageError('corrupt', path, f'{type(e).__name__}: {e}') from None
-    image = _apply_orientation(image)
-    try:
-      return _to_rgb(image)
-    except (OSError, ValueError) as e:
-      raise BadImageError('corrupt', path, f'mode {image.mode}: {e}') from None
+  # PIL warns (DecompressionBombWarning) of images over ~89 MP as it opens them; such an image is
+  # over MAX_PIXELS and refused below as too_large, so the warning is left to show (once per
+  # process). Silencing it per decode with `warnings.catch_warnings` would rewrite the process-wide
+  # warning filters from every decoding thread at once: that context manager is not thread-safe.
+  try:
+    image = Image.open(io.BytesIO(data))
+  except UnidentifiedImageError:
+    raise BadImageError('not_an_image', path) from None
+  except Image.DecompressionBombError as e:
+    raise BadImageError('too_large', path, str(e)) from None
+  except (OSError, SyntaxError, ValueError, EOFError) as e:
+    raise BadImageError(_truncated_or_corrupt(e), path, f'{type(e).__name__}: {e}') from None
+  width, height = image.size
+  if width <= 0 or height <= 0:
+    raise BadImageError('corrupt', path, f'header says {width}x{height}')
+  if width * height > max_pixels:
+    raise BadImageError('too_large', path, f'{width}x{height} > MAX_PIXELS={max_pixels:,}')
+  try:
+    if getattr(image, 'n_frames', 1) > 1:
+      image.seek(0)
+    if draft_size and image.format == 'JPEG':
+      image.draft(image.mode, (draft_size, draft_size))
+    image.load()
+  except OSError as e:
+    raise BadImageError(_truncated_or_corrupt(e), path, str(e)) from None
+  except (SyntaxError, ValueError, EOFError, IndexError, Image.DecompressionBombError) as e:
+    raise BadImageError('corrupt', path, f'{type(e).__name__}: {e}') from None
+  image = _apply_orientation(image)
+  try:
+    return _to_rgb(image)
+  except (OSError, ValueError) as e:
+    raise BadImageError('corrupt', path, f'mode {image.mode}: {e}') from None
 
 
 def _truncated_or_corrupt(error: Exception) -> str:
