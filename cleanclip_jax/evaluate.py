@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cleanclip_jax import cpu_dots, eval_metrics, host_memory, zeroshot
+from cleanclip_jax import cpu_dots, eval_metrics, host_memory, text_length, zeroshot
 from cleanclip_jax.data.normalize import normalize
 
 log = logging.getLogger(__name__)
@@ -53,10 +53,16 @@ class Encoders:
   model: Any
   params: Any
   mesh: jax.sharding.Mesh
+  # `texts` cuts its tokens after the longest prompt, rounded up to this multiple (0: never cut);
+  # as `data.token_bucket` in training, each length compiles the text encoder once.
+  token_bucket: int = 16
 
   def __post_init__(self):
-    from cleanclip_jax import sharding
+    from cleanclip_jax import models, sharding
     model, mesh = _clip_module(self.model), self.mesh
+    # CLIP's text tower masks attention causally and pools at each row's EOT, so the columns after
+    # every row's EOT change nothing (`text_length`); another text encoder gets its tokens whole.
+    self._cut_tokens = isinstance(model, models.CLIP) and self.token_bucket > 0
     self.batch_sharding = sharding.batch_sharding(mesh)
     self.num_devices = mesh.devices.size
     self.context_length = model.context_length
@@ -72,7 +78,17 @@ class Encoders:
     return jax.tree.map(np.asarray, self._batch_fn(self.params, global_batch))
 
   def texts(self, tokens: np.ndarray, chunk: int = 1024) -> np.ndarray:
-    """int32 tokens [N, L], the same on every process -> text features [N, D]."""
+    """int32 tokens [N, L], the same on every process -> text features [N, D].
+
+    Prompts and captions are short (ImageNet's 80,000 prompts need at most 32 of the 77 columns),
+    so the tokens are cut after the longest row's EOT (see `token_bucket`): the same features for
+    a fraction of the text tower's work. Every process cuts the same tokens to the same length.
+    """
+    tokens = np.asarray(tokens)
+    if self._cut_tokens and len(tokens):
+      length = text_length.bucketed_length(text_length.needed_length(tokens), self.token_bucket,
+                                           tokens.shape[1])
+      tokens = tokens[:, :length]
     chunk = _round_up(max(1, min(chunk, len(tokens))), self.num_devices)
     out = []
     for start in range(0, len(tokens), chunk):

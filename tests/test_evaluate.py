@@ -352,3 +352,32 @@ def test_job_on_a_real_tiny_checkpoint(tmp_path, monkeypatch):
   assert 0 <= record['zeroshot_top1'] <= 1 and 0 <= record['asr'] <= 1
   test_labels = synthetic.SyntheticCaptions(16, image_size=32, split='test').labels()
   assert record['asr_count'] == np.sum(test_labels != synthetic.CLASS_NAMES.index('banana'))
+
+
+def test_text_encoder_cuts_prompts_after_the_longest_and_keeps_the_features():
+  import jax
+  from cleanclip_jax import models, sharding, train_step, zeroshot
+  run = config_lib.load_config('clip_pretrain.py:tiny')
+  model = train_step.model_for_config(run)
+  context = model.context_length
+  variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, model.image_size, model.image_size, 3)),
+                                  jnp.zeros((1, context), jnp.int32))
+  params = models.unbox(variables)['params']
+  mesh = sharding.make_mesh({'data': -1, 'fsdp': 1})
+  tokenize = tokenizer_lib.get_tokenizer()
+  short = tokenize(zeroshot.prompts(CLASSES, zeroshot.load_templates('simple')), context)
+  long_caption = tokenize([' '.join(['word'] * 200)], context)  # fills the whole context
+  assert np.argmax(short, axis=1).max() + 1 <= 16 and np.argmax(long_caption[0]) == context - 1
+
+  def encode(tokens, bucket):
+    encoders = evaluate.Encoders(model, params, mesh, token_bucket=bucket)
+    widths, text_fn = [], encoders._text_fn  # pylint: disable=protected-access
+    encoders._text_fn = lambda p, t: (widths.append(t.shape[1]), text_fn(p, t))[1]  # pylint: disable=protected-access
+    return encoders.texts(tokens), set(widths)
+
+  cut, widths = encode(short, 16)
+  whole, whole_widths = encode(short, 0)
+  assert widths == {16} and whole_widths == {context}
+  np.testing.assert_allclose(cut, whole, rtol=1e-5, atol=1e-6)
+  mixed = np.concatenate([short, long_caption])
+  assert encode(mixed, 16)[1] == {context}  # one full-length prompt: nothing to cut
