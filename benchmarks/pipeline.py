@@ -13,9 +13,10 @@ so file-system speed is not measured.
       the pipeline's `image` must equal it pixel for pixel (checked).
   (b) pipeline: `pipeline.TrainExample` - (a), then BadNet trigger and poisoned caption on the
       poisoned examples (`--poison-fraction`, default the paper's 1,500 of 3M = 0.05%, which rounds
-      to none of the 256 examples; 1 = every example, the worst case), AutoAugment + EDA views, and
-      tokenizing both captions; the shuffled epoch plan (over `--epoch-size`, CC3M's 3M by default)
-      picks each step's example, as in training.
+      to none of the 256 examples; 1 = every example, the worst case), AutoAugment + EDA views
+      (CleanCLIP finetuning's example; `--no-views`: pretraining's, without them), and tokenizing
+      the captions; the shuffled epoch plan (over `--epoch-size`, CC3M's 3M by default) picks each
+      step's example, as in training.
 The last line printed is one JSON object: {"decode_img_per_s", "pipeline_img_per_s", "ratio"}.
 """
 
@@ -91,6 +92,9 @@ def main(argv=None) -> dict:
   parser.add_argument('--cold-captions', action='store_true',
                       help='empty the tokenizer\'s whole-caption cache before every example (a large '
                            'data set, whose captions do not recur within the cache)')
+  parser.add_argument('--no-views', action='store_true',
+                      help='leave out the in-modal views (AutoAugment image, EDA caption): the '
+                           'pretraining pipeline (CLIP, poisoned), not CleanCLIP finetuning\'s')
   parser.add_argument('--rounds', type=int, default=3,
                       help='(a) and (b) are timed alternately this many times (best of each), so '
                            'load changes on a shared machine hit both')
@@ -102,7 +106,7 @@ def main(argv=None) -> dict:
   count = args.num_examples
   config = config_lib.base_config()
   config.data.image_size = size
-  config.data.inmodal_views = True
+  config.data.inmodal_views = not args.no_views
   plan = pipeline.EpochPlan(len(source), config.seed, config.data.shuffle, 0, 1)  # shuffled, as training
   visited = [plan(step)[1] for step in range(count)]  # the source index of each timed step
 
@@ -146,12 +150,13 @@ def main(argv=None) -> dict:
     pipeline_rate = max(pipeline_rate, _rate(full_example, count, args.seconds))
   result = {'decode_img_per_s': round(decode_rate, 1), 'pipeline_img_per_s': round(pipeline_rate, 1),
             'ratio': round(pipeline_rate / decode_rate, 3), 'poisoned': num_poisoned,
-            'image_size': size, 'cold_captions': args.cold_captions,
+            'image_size': size, 'cold_captions': args.cold_captions, 'views': not args.no_views,
             'load_average': round(os.getloadavg()[0], 2)}
   print(f'image_size {size} (JPEGs stored at {render} px), {count} examples ({num_poisoned} poisoned), '
         f'one process, per CPU second, best of {args.rounds} alternating rounds, load average {os.getloadavg()[0]:.1f}:')
   print(f'  (a) decode + resize + crop:                      {decode_rate:9.1f} img/s')
-  print(f'  (b) full example (poison, views, both tokens):   {pipeline_rate:9.1f} img/s')
+  what = 'poison, tokens' if args.no_views else 'poison, views, both tokens'
+  print(f'  (b) full example ({what}):'.ljust(51) + f'{pipeline_rate:9.1f} img/s')
   print(f'  ratio (b)/(a): {pipeline_rate / decode_rate:.3f}')
   if args.profile:
     profiler = cProfile.Profile()
