@@ -399,7 +399,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
         'completed': step >= total and not preempted,
         'preempted': preempted,
         'nan_skips': nan_skips,
-        'data_skips': pipeline.skip_counts(),
+        'data_skips': pipeline.run_skip_counts(config.data, data_iterator),  # this process's share
         'last_checkpoint_step': last_saved,
         'final_loss': last_metrics.get('loss'),
         'final_metrics': last_metrics,

@@ -202,6 +202,33 @@ def _csv_with_a_bad_image(tmp_path, n=12):
   return tmp_path / 'train.csv'
 
 
+def test_skip_counts_survive_a_resume_and_old_states_still_restore(tmp_path):
+  # 12 good images and one bad one per epoch, batches of 4: two epochs drop the bad image twice.
+  config = _config(batch_size=4, source='csv', path=str(_csv_with_a_bad_image(tmp_path)))
+  reference = _iterator(config)
+  reference_batches, counts = [], []
+  for _ in range(6):
+    reference_batches += _take(reference, 1)
+    counts.append(pipeline.run_skip_counts(config.data, reference).get('not_an_image', 0))
+  assert counts[-1] == 2
+  k = max(i for i, count in enumerate(counts, 1) if count == 1)  # after the first drop, before the second
+  first = _iterator(config)
+  _take(first, k)
+  state = first.get_state()
+  pipeline.reset_skip_counts()  # a new process
+  resumed = _iterator(config)
+  resumed.set_state(state)
+  assert pipeline.run_skip_counts(config.data, resumed) == {'not_an_image': 1}  # carried over
+  _assert_batches_equal(_take(resumed, 6 - k), reference_batches[k:])
+  assert pipeline.run_skip_counts(config.data, resumed) == {'not_an_image': 2}  # the whole run's
+  assert pipeline.skip_counts() == {'not_an_image': 1}  # this process saw one
+  # A checkpoint written before the counts were saved holds the stream's state alone.
+  old = _iterator(config)
+  old.set_state(state['cleanclip_stream'])
+  _assert_batches_equal(_take(old, 6 - k), reference_batches[k:])
+  assert pipeline.run_skip_counts(config.data, old) == {'not_an_image': 1}  # counted from zero
+
+
 @pytest.mark.slow
 def test_workers_give_identical_batches_and_report_skips(tmp_path):
   config = _config(batch_size=4, source='csv', path=str(_csv_with_a_bad_image(tmp_path)))

@@ -4,6 +4,7 @@
     batch = next(it)                            # docs/DESIGN.md "Batch"
     state = it.get_state(); it.set_state(state) # exact resume (orbax: grain.checkpoint.CheckpointSave)
     skip_counts()                               # {'reason': count} of inputs skipped so far
+    run_skip_counts(config.data, it)            # ... by this run's stream, resumed parts included
 
 How the example stream is laid out, so that it is reproducible and independent of the number of
 grain workers:
@@ -129,6 +130,61 @@ class _SkipFilter:
           f'{element.get("image_path", "")!r}: {element["skip_reason"]}); skipped so far: '
           f'{skip_counts()}. Check data.path, the image paths in it, and data.source.')
     return False
+
+
+# Keys of the training iterator's checkpointed state (`_SkipCountingIterator.get_state`).
+_STREAM_STATE, _STREAM_SKIPS = 'cleanclip_stream', 'cleanclip_skipped'
+
+
+class _SkipCountingIterator(grain.DatasetIterator):
+  """The stream without its skip records (`_SkipFilter` counts and logs each one), and how many
+  of each reason it has dropped since the run began.
+
+  Those counts are part of the iterator's state, which every checkpoint saves per process (the
+  `data` item), so a resumed run goes on counting where the checkpoint left off: `run_skip_counts`
+  covers the whole run, not only the part since the last resume. The state of a checkpoint written
+  before this carried counts (the parent's state alone) restores the position, counts from zero.
+  """
+
+  def __init__(self, parent: grain.DatasetIterator):
+    super().__init__(parent)
+    self._filter = _SkipFilter()
+    self.skipped: collections.Counter = collections.Counter()
+
+  def __next__(self):
+    while True:
+      element = next(self._parent)
+      if self._filter(element):
+        return element
+      self.skipped[element['skip_reason']] += 1
+
+  def get_state(self):
+    return {_STREAM_STATE: self._parent.get_state(), _STREAM_SKIPS: dict(self.skipped)}
+
+  def set_state(self, state):
+    if isinstance(state, dict) and _STREAM_STATE in state:
+      self._parent.set_state(state[_STREAM_STATE])
+      self.skipped = collections.Counter(state.get(_STREAM_SKIPS, {}))
+    else:  # a checkpoint from before the counts were saved
+      self._parent.set_state(state)
+      self.skipped = collections.Counter()
+
+
+class _SkipCountingDataset(grain.IterDataset):
+
+  def __iter__(self) -> _SkipCountingIterator:
+    return _SkipCountingIterator(self._parent.__iter__())
+
+
+def run_skip_counts(data_cfg: ml_collections.ConfigDict, iterator: grain.DatasetIterator) -> dict[str, int]:
+  """{'reason': count} of the inputs this process's share of a training run has skipped: rows the
+  source dropped (CSV; the same on every process) and examples `iterator` (`make_train_iterator`'s)
+  dropped since the run began, resumed parts included."""
+  counts = collections.Counter(getattr(train_source(data_cfg), 'skipped', None) or {})
+  state = iterator.get_state()
+  if isinstance(state, dict):
+    counts.update(state.get(_STREAM_SKIPS, {}))
+  return dict(counts)
 
 
 # --- sources ---------------------------------------------------------------------------------------
@@ -412,7 +468,7 @@ def make_train_iterator(config: ml_collections.ConfigDict, tokenizer: Tokenizer 
     # Threads overlap file reads and PIL decoding (which release the GIL) with the training step.
     threads = min(8, os.cpu_count() or 1)
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(threads, buffer)))
-  ds = ds.filter(_SkipFilter()).batch(host_batch, drop_remainder=True)
+  ds = _SkipCountingDataset(ds).batch(host_batch, drop_remainder=True)
   return iter(ds)
 
 
