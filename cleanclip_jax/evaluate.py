@@ -80,7 +80,7 @@ class Encoders:
   def texts(self, tokens: np.ndarray, chunk: int = 1024) -> np.ndarray:
     """int32 tokens [N, L], the same on every process -> text features [N, D].
 
-    Prompts and captions are short (ImageNet's 80,000 prompts need at most 32 of the 77 columns),
+    Prompts and captions are short (ImageNet's 80,000 prompts need at most 22 of the 77 columns),
     so the tokens are cut after the longest row's EOT (see `token_bucket`): the same features for
     a fraction of the text tower's work. Every process cuts the same tokens to the same length.
     """
