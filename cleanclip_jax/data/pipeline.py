@@ -15,8 +15,9 @@ grain workers:
 - Each element is built by `TrainExample` from its own random generators, seeded by
   (config.seed, epoch, index, stage); nothing depends on which worker builds it.
 - A bad input becomes a *skip record* (`{'skip_reason': ...}`) inside the worker. Skip records
-  travel through grain to the main process like any element, where `_SkipFilter` counts, logs and
-  drops them before batching: the counts survive worker processes, and batches stay full.
+  travel through grain to the main process like any element, where `_SkipCountingIterator` counts,
+  logs and drops them before batching: the counts survive worker processes (and, in the iterator's
+  checkpointed state, resumes), and batches stay full.
 - Batching happens last, in the main process, so a batch holds the next `host_batch` good
   examples of the stream whatever the worker count.
 
@@ -113,7 +114,8 @@ def _record_skip(record: dict[str, Any]) -> None:
 
 
 class _SkipFilter:
-  """grain filter predicate (runs in the main process): counts, logs and drops skip records."""
+  """The predicate `_SkipCountingIterator` (main process) applies to each element: False for a
+  skip record, which it counts and logs; stops the run after too many in a row."""
 
   def __init__(self):
     self._consecutive = 0
