@@ -113,34 +113,14 @@ def _record_skip(record: dict[str, Any]) -> None:
     log.warning('skipped %d input images so far; all skips: %s', total, summary)
 
 
-class _SkipFilter:
-  """The predicate `_SkipCountingIterator` (main process) applies to each element: False for a
-  skip record, which it counts and logs; stops the run after too many in a row."""
-
-  def __init__(self):
-    self._consecutive = 0
-
-  def __call__(self, element: dict[str, Any]) -> bool:
-    if 'skip_reason' not in element:
-      self._consecutive = 0
-      return True
-    _record_skip(element)
-    self._consecutive += 1
-    if self._consecutive >= _MAX_CONSECUTIVE_SKIPS:
-      raise BadInputError(
-          f'the last {self._consecutive} inputs were all unusable (last: {element.get("origin", "")} '
-          f'{element.get("image_path", "")!r}: {element["skip_reason"]}); skipped so far: '
-          f'{skip_counts()}. Check data.path, the image paths in it, and data.source.')
-    return False
-
-
 # Keys of the training iterator's checkpointed state (`_SkipCountingIterator.get_state`).
 _STREAM_STATE, _STREAM_SKIPS = 'cleanclip_stream', 'cleanclip_skipped'
 
 
 class _SkipCountingIterator(grain.DatasetIterator):
-  """The stream without its skip records (`_SkipFilter` counts and logs each one), and how many
-  of each reason it has dropped since the run began.
+  """The stream without its skip records (runs in the main process): each one is counted and
+  logged (`_record_skip`), too many in a row stop the run, and the iterator keeps how many of each
+  reason it has dropped since the run began.
 
   Those counts are part of the iterator's state, which every checkpoint saves per process (the
   `data` item), so a resumed run goes on counting where the checkpoint left off: `run_skip_counts`
@@ -150,15 +130,22 @@ class _SkipCountingIterator(grain.DatasetIterator):
 
   def __init__(self, parent: grain.DatasetIterator):
     super().__init__(parent)
-    self._filter = _SkipFilter()
     self.skipped: collections.Counter = collections.Counter()
 
   def __next__(self):
+    consecutive = 0
     while True:
       element = next(self._parent)
-      if self._filter(element):
+      if 'skip_reason' not in element:
         return element
+      _record_skip(element)
       self.skipped[element['skip_reason']] += 1
+      consecutive += 1
+      if consecutive >= _MAX_CONSECUTIVE_SKIPS:
+        raise BadInputError(
+            f'the last {consecutive} inputs were all unusable (last: {element.get("origin", "")} '
+            f'{element.get("image_path", "")!r}: {element["skip_reason"]}); skipped so far: '
+            f'{skip_counts()}. Check data.path, the image paths in it, and data.source.')
 
   def get_state(self):
     return {_STREAM_STATE: self._parent.get_state(), _STREAM_SKIPS: dict(self.skipped)}
