@@ -5,7 +5,9 @@ functions turn them into numbers, and the tests check them against hand-made ans
 
 Ties in a score row are broken towards the lower index, the way `argmax` does, so a classifier
 that gives every class the same score is not credited with a top-1 hit (or a successful attack)
-just because the true class tied for first.
+just because the true class tied for first. A row with a non-finite score (a diverged model's NaN
+features) is a miss and predicts no class: NaN compares false with everything, so without this
+rule every such row would rank its label first and a NaN model would score 100% top-1.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import optax
 
 
 def ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
-  """The 0-based rank of `targets[i]` in row `scores[i]` (0 = top), ties to the lower index.
+  """The 0-based rank of `targets[i]` in row `scores[i]` (0 = top), ties to the lower index; C
+  (past the last class) for a row with a non-finite score.
 
   Args:
     scores: float [N, C].
@@ -36,7 +39,14 @@ def ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
   true_score = np.take_along_axis(scores, targets[:, None], axis=1)
   column = np.arange(scores.shape[1])[None, :]
   beaten_by = (scores > true_score) | ((scores == true_score) & (column < targets[:, None]))
-  return beaten_by.sum(axis=1)
+  return np.where(np.isfinite(scores).all(axis=1), beaten_by.sum(axis=1), scores.shape[1])
+
+
+def predictions(scores: np.ndarray) -> np.ndarray:
+  """The top class of each row (`argmax`: ties to the lower index), -1 for a row with a non-finite
+  score (argmax would name class 0 for an all-NaN row)."""
+  scores = np.asarray(scores)
+  return np.where(np.isfinite(scores).all(axis=1), scores.argmax(axis=1), -1)
 
 
 def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int = 1,

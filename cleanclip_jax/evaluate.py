@@ -253,6 +253,12 @@ def evaluate(model, params, eval_cfg, mesh=None, tokenizer=None) -> dict[str, fl
   features = encode_dataset(encoders, eval_cfg, trigger)
   _check_labels(features.labels, len(classnames), eval_cfg)
   metrics = {'num_examples': float(len(features.labels))}
+  nonfinite = _nonfinite_rows(features)
+  if nonfinite:
+    # Such rows count as misses (eval_metrics.ranks); say so, since it is the model, not the data.
+    log.warning('eval: %d of %d images have non-finite features (a diverged model?); they count '
+                'as misses and as failed attacks', nonfinite, len(features.labels))
+  metrics['nonfinite_features'] = float(nonfinite)
   metrics.update(_classifier_metrics('zeroshot', features, lambda x: x @ class_weights.T, target))
   if head is not None:
     head_logits = lambda x: x @ head['kernel'] + head['bias']
@@ -277,11 +283,18 @@ def evaluate(model, params, eval_cfg, mesh=None, tokenizer=None) -> dict[str, fl
   return metrics
 
 
+def _nonfinite_rows(features: Features) -> int:
+  bad = ~np.isfinite(features.clean).all(axis=1)
+  if features.triggered is not None:
+    bad |= ~np.isfinite(features.triggered).all(axis=1)
+  return int(bad.sum())
+
+
 def _classifier_metrics(name: str, features: Features, logits_fn, target: int | None):
   logits = np.asarray(logits_fn(features.clean))
   out = {f'{name}_top{k}': eval_metrics.topk_accuracy(logits, features.labels, k) for k in TOPK}
   if target is not None:
-    predictions = np.asarray(logits_fn(features.triggered)).argmax(axis=-1)
+    predictions = eval_metrics.predictions(logits_fn(features.triggered))
     asr, count = eval_metrics.attack_success_rate(predictions, features.labels, target)
     out[f'{name}_asr'] = asr
     out[f'{name}_asr_count'] = float(count)

@@ -40,6 +40,19 @@ def test_ties_go_to_the_lower_index_like_argmax():
   assert (asr, count) == (0.0, 3)
 
 
+def test_non_finite_scores_are_misses_and_predict_no_class():
+  # A diverged model: NaN compares false with everything, so a naive rank is 0 (a hit) for every
+  # row, and argmax names class 0 (a "successful attack" on target 0).
+  logits = np.array([[np.nan] * 3, [0.0, np.inf, 1.0], [0.0, 2.0, 1.0]])
+  labels = np.array([0, 1, 1])
+  np.testing.assert_array_equal(em.ranks(logits, labels), [3, 3, 0])
+  assert em.topk_accuracy(logits, labels, 1) == pytest.approx(1 / 3)
+  assert em.topk_accuracy(logits, labels, 5) == pytest.approx(1 / 3)
+  np.testing.assert_array_equal(em.predictions(logits), [-1, -1, 1])
+  asr, count = em.attack_success_rate(em.predictions(np.full((4, 3), np.nan)), np.array([1, 2, 1, 2]), 0)
+  assert (asr, count) == (0.0, 4)
+
+
 def test_asr_excludes_images_of_the_target_class():
   target = 3
   labels = np.array([3, 3, 3, 3, 0, 1, 2, 0])
