@@ -1,7 +1,8 @@
 """Checkpoints: orbax `CheckpointManager` plus an integrity manifest, fallback and params-only restore.
 
 Layout: `workdir/checkpoints/<step>/` with the items `state` (the sharded `TrainState`, RNG
-included), `data` (the grain iterator state, one JSON file per process) and `config` (JSON).
+included), `data` (the grain iterator state, one JSON file per process), `config` (JSON) and
+`counters` (JSON: the trainer's run totals, e.g. `nan_skips`, so a resumed run keeps counting).
 
 Orbax makes a save atomic: it writes `<step>.orbax-checkpoint-tmp/` and renames it to `<step>/`
 once every process has finished (on object stores, where there is no rename, it writes
@@ -333,15 +334,19 @@ class Checkpointer:
         f'{fallback[0].upper()}{fallback[1:]}; {"free space" if disk_full else "fix the cause"} '
         'and rerun the same command to resume from it.')
 
-  def save(self, step: int, state: Any, data_iterator: Any, config: ml_collections.ConfigDict) -> None:
+  def save(self, step: int, state: Any, data_iterator: Any, config: ml_collections.ConfigDict,
+           counters: dict[str, int] | None = None) -> None:
     """Starts an asynchronous save of step `step` (returns once arrays are copied off device)."""
     self.wait()  # one save in flight at a time; surfaces the previous save's error here
     self._saving_step = step
-    args = ocp.args.Composite(
+    items = dict(
         state=ocp.args.StandardSave(state),
         data=grain_checkpoint.CheckpointSave(data_iterator),
         config=ocp.args.JsonSave(json.loads(config.to_json())),
     )
+    if counters is not None:
+      items['counters'] = ocp.args.JsonSave(dict(counters))
+    args = ocp.args.Composite(**items)
     try:
       self._manager.save(step, args=args, force=True)
     except Exception as e:  # pylint: disable=broad-except
@@ -395,6 +400,13 @@ class Checkpointer:
       logging.info('Resumed from checkpoint %s', self.root / str(step))
       return step, restored['state']
     return None
+
+  def counters(self, step: int) -> dict[str, int]:
+    """The run totals saved with step `step`'s checkpoint ({} for one written without them)."""
+    if not (self.root / str(step) / 'counters').exists():
+      return {}
+    restored = self._manager.restore(step, args=ocp.args.Composite(counters=ocp.args.JsonRestore()))
+    return dict(restored['counters'] or {})
 
   def _mismatch(self, step: int, detail: str) -> CheckpointMismatchError:
     return CheckpointMismatchError(

@@ -58,7 +58,7 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, met
 
 
 class NonFiniteLossError(RuntimeError):
-  """The loss became NaN/Inf under `on_nan='stop'`."""
+  """The loss or the gradient norm became NaN/Inf under `on_nan='stop'`."""
 
 
 class Preempted(Exception):
@@ -319,11 +319,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
           config, model, mesh, jax.random.PRNGKey(config.seed),
           init_params=_load_init_params(config, model))
     total = int(config.total_steps)
+    finished = workdir / 'summary.json'
+    if start_step >= total and finished.exists():
+      # A rerun of a finished run (a requeued job, a repeated command): its summary stands.
+      logging.info('The run finished at step %d already (%s); nothing to do', start_step, finished)
+      return json.loads(finished.read_text())
     logging.info('%s step %d of %d on %d devices (mesh %s), %d processes; workdir %s',
                  'Resuming at' if start_step else 'Starting at', start_step, total,
                  jax.device_count(), dict(mesh.shape), jax.process_count(), workdir)
-    if start_step < total and is_main and (workdir / 'summary.json').exists():
-      (workdir / 'summary.json').unlink()  # the run is not finished any more (total_steps grew)
+    if is_main and finished.exists():
+      finished.unlink()  # the run is not finished any more (total_steps grew)
 
     writer = metrics_log.MetricsWriter(workdir, resume_step=start_step)
     if config.eval.every_steps > 0:
@@ -335,7 +340,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
     progress = _progress_bar(total, start_step)
     step_fn = _step_function(config, model, mesh, state_shardings)
 
-    nan_skips, preempted, step, last_metrics = 0, False, start_step, {}
+    # Run totals carry over a resume (saved with each checkpoint).
+    nan_skips = int(ckpt.counters(start_step).get('nan_skips', 0)) if restored is not None else 0
+    preempted, step, last_metrics = False, start_step, {}
     text_shapes_seen = set()  # each new text shape compiles the step once (text_batch)
     last_saved = start_step if restored is not None else None
     with PreemptionWatch() as preemption:
@@ -357,8 +364,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
                        step, rows, token_length, step_seconds)
         nan_skips += int(metrics.get('skipped', 0))
         loss = metrics['loss']
-        if (step % config.log_every_steps == 0 or step == total or first
-            or not math.isfinite(loss)):
+        # A finite loss with non-finite gradients (e.g. the backward pass of a zero-length
+        # feature) poisons the parameters just as surely as a NaN loss.
+        finite = math.isfinite(loss) and math.isfinite(metrics.get('grad_norm', 0.0))
+        if (step % config.log_every_steps == 0 or step == total or first or not finite):
           values = dict(metrics, **throughput.window(), nan_skips=nan_skips)
           if new_shape:
             values['compile_seconds'] = step_seconds
@@ -371,10 +380,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
                          metrics.get('learning_rate', float('nan')), speed)
         progress.update(1)
         progress.set_postfix(loss=f'{loss:.4f}', refresh=False)
-        if not math.isfinite(loss) and config.on_nan == 'stop':
+        if not finite and config.on_nan == 'stop':
           ckpt.wait()
           raise NonFiniteLossError(
-              f'step {step}: the loss is {loss} (on_nan=stop). The last checkpoint '
+              f'step {step}: the loss is {loss:.6g}, the gradient norm '
+              f'{metrics.get("grad_norm", math.nan):.6g} (on_nan=stop). The last checkpoint '
               f'(step {last_saved}) is intact. Lower --config.learning_rate, check the data, or '
               'use --config.on_nan=skip to skip such updates.')
 
@@ -383,7 +393,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
           throughput.skip()
         preempted = preemption.should_stop(step)
         if step % config.checkpoint_every_steps == 0 or step == total or preempted:
-          ckpt.save(step, state, data_iterator, config)
+          ckpt.save(step, state, data_iterator, config, counters={'nan_skips': nan_skips})
           last_saved = step
           throughput.skip()
         if preempted:

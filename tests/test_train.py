@@ -88,9 +88,13 @@ def test_stop_and_resume_matches_uninterrupted_run(reference, tmp_path, monkeypa
 
 def test_rerun_of_finished_run_resumes_without_training(reference, tmp_path):
   ref_dir, _ = reference
+  stored = (ref_dir / 'summary.json').read_text()
   summary = train.run(tiny_config(), ref_dir)
-  assert summary['start_step'] == TOTAL and summary['steps'] == TOTAL and summary['completed']
+  assert summary['start_step'] == 0 and summary['steps'] == TOTAL and summary['completed']
   assert [s for s, _ in losses(ref_dir)] == list(range(1, TOTAL + 1))
+  # The finished run's summary (final loss, wall time) is returned, not overwritten by an empty one.
+  assert (ref_dir / 'summary.json').read_text() == stored
+  assert summary == json.loads(stored) and summary['final_loss'] is not None
 
 
 def test_init_checkpoint_seeds_params_with_a_fresh_optimizer(reference, tmp_path):
@@ -130,12 +134,21 @@ def _resume_from(reference_dir, step, workdir):
 def test_nan_loss_stops_naming_the_step(reference, tmp_path, monkeypatch):
   _resume_from(reference[0], 2, tmp_path)
   _poison_metrics(monkeypatch, 3, loss=float('nan'))
-  with pytest.raises(train.NonFiniteLossError, match=r'step 3: the loss is nan .*checkpoint \(step 2\) is intact'):
+  with pytest.raises(train.NonFiniteLossError, match=r'step 3: the loss is nan, .*checkpoint \(step 2\) is intact'):
     train.run(tiny_config(), tmp_path)
   assert checkpoint.committed_steps(tmp_path) == [2]  # nothing saved after the bad step
   records = metrics_log.read_jsonl(tmp_path / 'metrics.jsonl')
   assert [r['step'] for r in records] == [1, 2, 3] and records[-1]['loss'] is None
   assert not (tmp_path / 'summary.json').exists()
+
+
+def test_non_finite_gradients_stop_too(reference, tmp_path, monkeypatch):
+  # A finite loss with an infinite gradient norm would write NaN params into the next checkpoint.
+  _resume_from(reference[0], 2, tmp_path)
+  _poison_metrics(monkeypatch, 4, grad_norm=float('inf'))
+  with pytest.raises(train.NonFiniteLossError, match=r'step 4: the loss is [0-9.]+, the gradient norm inf'):
+    train.run(tiny_config(), tmp_path)
+  assert checkpoint.committed_steps(tmp_path) == [2]  # step 4's would have been saved
 
 
 def test_skipped_updates_are_counted(reference, tmp_path, monkeypatch):
@@ -145,6 +158,11 @@ def test_skipped_updates_are_counted(reference, tmp_path, monkeypatch):
   assert summary['completed'] and summary['nan_skips'] == 1
   assert json.loads((tmp_path / 'summary.json').read_text())['nan_skips'] == 1
   assert [r['nan_skips'] for r in metrics_log.read_jsonl(tmp_path / 'metrics.jsonl')] == [0, 0, 0, 1, 1, 1]
+  # The count is saved with the checkpoints: a run resumed after the skip keeps it.
+  assert checkpoint.Checkpointer(tmp_path).counters(TOTAL) == {'nan_skips': 1}
+  extended = train.run(tiny_config(total_steps=TOTAL + 2), tmp_path)
+  assert extended['start_step'] == TOTAL and extended['nan_skips'] == 1
+  assert [r['nan_skips'] for r in metrics_log.read_jsonl(tmp_path / 'metrics.jsonl')][-2:] == [1, 1]
 
 
 def test_inline_eval_every_n_steps_and_resume_truncation(reference, tmp_path, monkeypatch):
