@@ -85,6 +85,10 @@ def data_config() -> ConfigDict:
       'image_key': 'image',
       'caption_key': 'caption',
       'label_key': '',  # optional label column (CSV) holding a class index or name
+      # The class list label names map to (as eval.classnames: imagenet | cifar10 | ... | a .txt
+      # file); '' = the names in the file, sorted. The supervised objective defaults it to
+      # eval.classnames, the list its head is scored against.
+      'classnames': '',
       'delimiter': ',',
       'confine_paths': False,  # refuse image paths that are absolute or leave the CSV's folder
       'on_bad_image': 'skip',  # skip (counted, logged) | fail

@@ -120,6 +120,9 @@ def prepare_config(config: ml_collections.ConfigDict, num_devices: int) -> ml_co
   with config.unlocked():
     if config.total_epochs and config.total_epochs > 0:
       config.total_steps = config_lib.resolve_total_steps(config, pipeline.dataset_size(config.data))
+    if config.objective.name == 'supervised' and not config.data.classnames:
+      # The head's output i is scored as class i of eval.classnames: label the data in that order.
+      config.data.classnames = config.eval.classnames
     if config.objective.name == 'supervised' and config.objective.num_classes <= 0:
       config.objective.num_classes = _num_classes(config.data)
     if config.data.poison.enabled:

@@ -63,6 +63,13 @@ def test_csv_to_array_record(tmp_path, capsys, caplog, csv_input):
   shapes = [decode.decode_image(r).shape for r in records]
   assert shapes == [(64, 128, 3), (30, 40, 3), (64, 64, 3)]  # shorter side 64; small ones not enlarged
   np.testing.assert_allclose(decode.decode_image(records[2])[32, 32], [200, 0, 0], atol=6)
+  # A run whose class list orders them otherwise (the head is scored against that list) relabels
+  # by name: metadata.json says which stored index is which class.
+  relabelled = sources.ArrayRecordSource(str(out_dir), class_names=['dog', 'bird', 'cat'])
+  assert [relabelled[i]['label'] for i in range(3)] == [2, 0, 2]
+  assert relabelled.labels.tolist() == [2, 0, 2] and relabelled.class_names == ['dog', 'bird', 'cat']
+  with pytest.raises(ValueError, match=r"1 of its 2 classes are not in the class list.*\['dog'\]"):
+    sources.ArrayRecordSource(str(out_dir), class_names=['cat', 'bird'])
 
 
 def _add(tar, name, data):

@@ -98,6 +98,60 @@ def test_csv_eval_set_through_make_eval_batches(tmp_path):
   assert pipeline.skip_counts() == {'not_an_image': 1}
 
 
+def test_eval_labels_follow_eval_classnames_not_sorted_names(tmp_path):
+  # ImageNet's first classes: sorted names would make tench 2, goldfish 0, great white shark 1.
+  for name in ('a', 'b', 'c'):
+    Image.new('RGB', (8, 8)).save(tmp_path / f'{name}.png')
+  (tmp_path / 'eval.csv').write_text('image,label\na.png,tench\nb.png,goldfish\nc.png,Great_White_Shark\n')
+  eval_cfg = config_lib.base_config().eval
+  eval_cfg.update(source='csv', path=str(tmp_path / 'eval.csv'), num_examples=0, image_size=4,
+                  classnames='imagenet')
+  (batch,) = pipeline.make_eval_batches(eval_cfg, 3, 0, 1)
+  assert batch['label'].tolist() == [0, 1, 2]
+  (tmp_path / 'bad.csv').write_text('image,label\na.png,tench\nb.png,toaster oven\n')
+  eval_cfg.path = str(tmp_path / 'bad.csv')
+  with pytest.raises(sources.CsvError, match=r"bad.csv:3: label 'toaster oven' is not a class name"):
+    pipeline.eval_source(eval_cfg)
+  (tmp_path / 'ints.csv').write_text('image,label\na.png,0\nb.png,1000\n')
+  eval_cfg.path = str(tmp_path / 'ints.csv')
+  with pytest.raises(sources.CsvError, match=r'ints.csv:3: label 1000 is not a class index'):
+    pipeline.eval_source(eval_cfg)
+
+
+def test_folders_named_as_the_class_list_are_labelled_by_it(tmp_path):
+  names = ['tench', 'goldfish', 'great white shark']
+  for folder in ('goldfish', 'great_white_shark', 'tench'):
+    (tmp_path / 'named' / folder).mkdir(parents=True)
+    (tmp_path / 'named' / folder / 'x.png').write_bytes(_png())
+  source = sources.FolderSource(str(tmp_path / 'named'), class_names=names)
+  assert [source[i]['image_path'].split('/')[-2] for i in range(3)] == ['goldfish', 'great_white_shark', 'tench']
+  assert [source[i]['label'] for i in range(3)] == [1, 2, 0] and source.class_names == names
+  # Folders named by ids (ImageNet's synsets) keep their sorted order: the list's order for ImageNet.
+  for folder in ('n01443537', 'n01440764'):
+    (tmp_path / 'ids' / folder).mkdir(parents=True)
+    (tmp_path / 'ids' / folder / 'x.png').write_bytes(_png())
+  ids = sources.FolderSource(str(tmp_path / 'ids'), class_names=names)
+  assert [ids[i]['label'] for i in range(2)] == [0, 1]
+  (tmp_path / 'named' / 'toaster').mkdir()
+  (tmp_path / 'named' / 'toaster' / 'x.png').write_bytes(_png())
+  with pytest.raises(ValueError, match=r"1 of its 4 classes are not in the class list.*\['toaster'\]"):
+    sources.FolderSource(str(tmp_path / 'named'), class_names=names)
+
+
+def test_supervised_training_labels_follow_eval_classnames(tmp_path):
+  from cleanclip_jax import train
+  for name in ('a', 'b'):
+    Image.new('RGB', (8, 8)).save(tmp_path / f'{name}.png')
+  (tmp_path / 'train.csv').write_text('image,caption,label\na.png,x,goldfish\nb.png,y,tench\n')
+  config = config_lib.load_config('supervised_finetune.py:tiny')
+  config.data.update(source='csv', path=str(tmp_path / 'train.csv'), label_key='label')
+  config.eval.classnames = 'imagenet'
+  resolved = train.prepare_config(config, 8)
+  assert resolved.data.classnames == 'imagenet' and resolved.objective.num_classes == 1000
+  source = pipeline.train_source(resolved.data)
+  assert [source[i]['label'] for i in range(2)] == [1, 0]  # the head's outputs are ImageNet's order
+
+
 def test_folder_source(tmp_path):
   for name in ('zebra', 'ant'):
     (tmp_path / name / 'nested').mkdir(parents=True)

@@ -184,12 +184,20 @@ def train_source(data_cfg: ml_collections.ConfigDict):
   return _cached_source(
       data_cfg.source, data_cfg.path, data_cfg.image_key, data_cfg.caption_key, data_cfg.label_key,
       data_cfg.delimiter, data_cfg.confine_paths, data_cfg.image_size, data_cfg.synthetic.num_examples,
-      data_cfg.synthetic.split, data_cfg.synthetic.seed)
+      data_cfg.synthetic.split, data_cfg.synthetic.seed, data_cfg.get('classnames', ''))
+
+
+def load_class_names(spec: str) -> list[str] | None:
+  """The class list a `classnames` key names (`zeroshot.load_classnames`), None for ''."""
+  if not spec:
+    return None
+  from cleanclip_jax import zeroshot  # pylint: disable=g-import-not-at-top
+  return zeroshot.load_classnames(spec)
 
 
 @functools.lru_cache(maxsize=4)
 def _cached_source(kind, path, image_key, caption_key, label_key, delimiter, confine_paths,
-                   image_size, synthetic_examples, synthetic_split, synthetic_seed):
+                   image_size, synthetic_examples, synthetic_split, synthetic_seed, classnames):
   # Cached: the trainer asks for the size and then the iterator; a CSV is parsed (and its dropped
   # rows counted) once.
   if kind == 'synthetic':
@@ -198,11 +206,12 @@ def _cached_source(kind, path, image_key, caption_key, label_key, delimiter, con
                                        split=synthetic_split, seed=synthetic_seed)
   if kind == 'csv':
     source = sources.CsvSource(path, image_key=image_key, caption_key=caption_key,
-                               label_key=label_key, delimiter=delimiter, confine_paths=confine_paths)
+                               label_key=label_key, delimiter=delimiter, confine_paths=confine_paths,
+                               class_names=load_class_names(classnames) if label_key else None)
     _count_skips(source.skipped)
     return source
   if kind == 'array_record':
-    return sources.ArrayRecordSource(path)
+    return sources.ArrayRecordSource(path, class_names=load_class_names(classnames))
   raise ValueError(f'data.source={kind!r}: use synthetic, csv or array_record')
 
 
@@ -465,8 +474,13 @@ def make_train_iterator(config: ml_collections.ConfigDict, tokenizer: Tokenizer 
 
 
 def eval_source(eval_cfg: ml_collections.ConfigDict, class_names: list[str] | None = None):
-  """The labelled set `config.eval` names: synthetic split, CSV (image,label), folder tree or TFDS."""
+  """The labelled set `config.eval` names: synthetic split, CSV (image,label), folder tree or TFDS,
+  labelled in the order of `class_names` (default: `eval.classnames`, the list it is scored
+  against; see `sources` "Class order")."""
   kind = eval_cfg.source
+  names = class_names
+  if names is None and kind != 'synthetic':
+    names = load_class_names(eval_cfg.classnames)
   if kind == 'synthetic':
     from cleanclip_jax.data import synthetic  # pylint: disable=g-import-not-at-top
     if eval_cfg.num_examples <= 0:
@@ -475,13 +489,13 @@ def eval_source(eval_cfg: ml_collections.ConfigDict, class_names: list[str] | No
                                        split=eval_cfg.split)
   if kind == 'csv':
     source = sources.CsvSource(eval_cfg.path, caption_key='', label_key='label',
-                               class_names=class_names, require_label=True)
+                               class_names=names, require_label=True)
     _count_skips(source.skipped)
     return source
   if kind == 'folder':
-    return sources.FolderSource(eval_cfg.path)
+    return sources.FolderSource(eval_cfg.path, class_names=names)
   if kind == 'tfds':
-    return sources.TfdsSource(eval_cfg.path, eval_cfg.split)
+    return sources.TfdsSource(eval_cfg.path, eval_cfg.split, class_names=names)
   raise ValueError(f'eval.source={kind!r}: use synthetic, csv, folder or tfds')
 
 

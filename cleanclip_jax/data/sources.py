@@ -12,6 +12,15 @@ and `'index'`. Records also carry `'origin'` (`file.csv:LINE`, `shard[i]`) for e
 - `ArrayRecordSource`: shards written by `prepare.py` (record format: `encode_record`).
 - `FolderSource`: an ImageNet-style tree, one folder per class (sorted names = class indices).
 - `TfdsSource`: a TFDS dataset prepared locally (`tfds.data_source`; nothing is downloaded).
+
+Class order. A label means the class at that index of the list the model is scored against
+(`eval.classnames`: the zero-shot prompts, the supervised head's outputs, the ASR target). Sources
+whose classes come as names (CSV name labels, prepared shards' `metadata.json`, class folders, TFDS
+label names) are given that list (`class_names=`) and label by it, matching names exactly or with
+`_` as a space, in any case (`great_white_shark` is `great white shark`). Folder and TFDS classes
+named by ids that are not in the list (WordNet synsets `n01440764`, ImageNet's own folder names) keep
+their sorted / TFDS order, which for ImageNet is the list's order; a tree naming only some of
+the classes in the list is an error that lists the names it cannot place.
 """
 
 from __future__ import annotations
@@ -82,7 +91,8 @@ class CsvSource:
   (counted as `path_outside_root`; the check is lexical, symlinks are not resolved). A `.tsv` file
   with the default `,` delimiter is read tab-separated. `caption_key=''` reads a labelled set
   (`image,label`) without captions. Labels may be integers or class names; names map through
-  `class_names` when given, else through the sorted set of names in the file (`self.class_names`).
+  `class_names` when given (see "Class order" above; integers must then index it), else through the
+  sorted set of names in the file (`self.class_names`).
   """
 
   def __init__(self, path: str, *, image_key: str = 'image', caption_key: str = 'caption',
@@ -203,15 +213,60 @@ def _parse_labels(raw: list[str], lines: list[int], path: str, class_names: Sequ
         raise CsvError(f'{path}:{line}: empty label (the labelled set needs one on every row)')
   present = [v for v in values if v]
   if all(_is_int(v) for v in present):
-    return np.array([int(v) if v else -1 for v in values], np.int32), (list(class_names) if class_names else None)
+    labels = np.array([int(v) if v else -1 for v in values], np.int32)
+    if class_names:
+      for value, line in zip(labels, lines):
+        if not -1 <= value < len(class_names):
+          raise CsvError(f'{path}:{line}: label {value} is not a class index of the '
+                         f'{len(class_names)} class names [0, {len(class_names)})')
+    return labels, (list(class_names) if class_names else None)
   names = list(class_names) if class_names else sorted(set(present))
-  lookup = {name: i for i, name in enumerate(names)}
+  lookup = _name_lookup(names)
   labels = np.full(len(values), -1, np.int32)
   for i, (value, line) in enumerate(zip(values, lines)):
-    if value and value not in lookup:
+    if value and _normalise_name(value) not in lookup:
       raise CsvError(f'{path}:{line}: label {value!r} is not a class name (first names: {names[:5]})')
-    labels[i] = lookup[value] if value else -1
+    labels[i] = lookup[_normalise_name(value)] if value else -1
   return labels, names
+
+
+def _normalise_name(name: str) -> str:
+  return ' '.join(name.replace('_', ' ').split()).lower()
+
+
+def _name_lookup(names: Sequence[str]) -> dict[str, int]:
+  # The first index of a repeated name (ImageNet's list has two 'missile's), as zero-shot's target.
+  lookup: dict[str, int] = {}
+  for index, name in enumerate(names):
+    lookup.setdefault(_normalise_name(name), index)
+  return lookup
+
+
+def label_map(source_names: Sequence[str] | None, class_names: Sequence[str] | None,
+              where: str) -> np.ndarray | None:
+  """`new_label = map[old_label]` taking a source's own class order onto `class_names`' order.
+
+  None when there is nothing to do: no names on either side, the same order already, or source
+  names that are ids rather than class names (none of them is in the list: positional). Raises
+  ValueError when only some of the source's names are in the list.
+  """
+  if not source_names or not class_names:
+    return None
+  lookup = _name_lookup(class_names)
+  found = [lookup.get(_normalise_name(name)) for name in source_names]
+  missing = [name for name, index in zip(source_names, found) if index is None]
+  if len(missing) == len(source_names):
+    log.info('%s: its %d class names are not in the %d-name class list (ids such as synsets?); '
+             'labels keep their own order', where, len(source_names), len(class_names))
+    return None
+  if missing:
+    raise ValueError(f'{where}: {len(missing)} of its {len(source_names)} classes are not in the '
+                     f'class list ({len(class_names)} names, first {list(class_names)[:3]}): '
+                     f'{missing[:5]}; name them as the list does, or give the list that matches '
+                     '(eval.classnames / data.classnames)')
+  if found == list(range(len(found))):
+    return None
+  return np.asarray(found, np.int32)
 
 
 def _is_int(value: str) -> bool:
@@ -272,12 +327,15 @@ def array_record_paths(path: str) -> list[str]:
 class ArrayRecordSource:
   """Records written by `prepare.py`, read with grain's ArrayRecordDataSource."""
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, class_names: Sequence[str] | None = None):
     import grain  # pylint: disable=g-import-not-at-top
     self.path = path
     self.shards = array_record_paths(path)
     self._source = grain.sources.ArrayRecordDataSource(self.shards)
-    self.class_names = _read_class_names(path)
+    stored = _read_class_names(path)
+    # prepare.py stores the labels in the order of metadata.json's names; relabel onto the run's list.
+    self._label_map = label_map(stored, class_names, f'{path} (metadata.json class_names)')
+    self.class_names = list(class_names) if class_names else stored
 
   def __len__(self) -> int:
     return len(self._source)
@@ -285,6 +343,8 @@ class ArrayRecordSource:
   def __getitem__(self, index) -> dict[str, Any]:
     index = int(index)
     record = decode_record(self._source[index])
+    if self._label_map is not None and 0 <= record['label'] < len(self._label_map):
+      record['label'] = int(self._label_map[record['label']])
     record.update(index=index, origin=f'{self.path}[{index}]')
     return record
 
@@ -317,12 +377,13 @@ def _read_class_names(path: str) -> list[str] | None:
 class FolderSource:
   """An ImageNet-style tree `root/<class>/**/<image>`: class index = position in sorted folder names."""
 
-  def __init__(self, root: str):
+  def __init__(self, root: str, class_names: Sequence[str] | None = None):
     if not os.path.isdir(root):
       raise FileNotFoundError(f'image folder {root!r} does not exist (eval.path)')
     self.root = root
     self.class_names = sorted(d for d in os.listdir(root)
                               if not d.startswith('.') and os.path.isdir(os.path.join(root, d)))
+    relabel = label_map(self.class_names, class_names, f'image folder {root!r}')
     paths, labels = [], []
     for label, name in enumerate(self.class_names):
       for folder, dirs, files in os.walk(os.path.join(root, name)):
@@ -335,6 +396,8 @@ class FolderSource:
       raise FileNotFoundError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) under {root!r}/<class>/')
     self._paths = _StringTable(paths)
     self.labels = np.asarray(labels, np.int32)
+    if relabel is not None:  # class folders named as the list names them, in another order
+      self.labels, self.class_names = relabel[self.labels], list(class_names)
 
   def __len__(self) -> int:
     return len(self._paths)
@@ -349,7 +412,8 @@ class FolderSource:
 class TfdsSource:
   """A TFDS dataset prepared under `data_dir` (default: TFDS_DATA_DIR or ~/tensorflow_datasets)."""
 
-  def __init__(self, name: str, split: str, data_dir: str | None = None):
+  def __init__(self, name: str, split: str, data_dir: str | None = None,
+               class_names: Sequence[str] | None = None):
     try:
       import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
       builder = tfds.builder(name, data_dir=data_dir)
@@ -366,6 +430,9 @@ class TfdsSource:
           f'(`tfds build {name} --file_format=array_record`: random access needs ArrayRecord) and copy '
           'it there, or set TFDS_DATA_DIR. Nothing is downloaded at run time.') from None
     self.name = name
+    self._label_map = label_map(self.class_names, class_names, f'TFDS dataset {name!r}')
+    if self._label_map is not None:
+      self.class_names = list(class_names)
 
   def __len__(self) -> int:
     return len(self._source)
@@ -374,7 +441,10 @@ class TfdsSource:
     index = int(index)
     example = self._source[index]
     image = example['image']
-    record = {'image_path': '', 'caption': '', 'label': int(example.get('label', -1)), 'index': index,
+    label = int(example.get('label', -1))
+    if self._label_map is not None and 0 <= label < len(self._label_map):
+      label = int(self._label_map[label])
+    record = {'image_path': '', 'caption': '', 'label': label, 'index': index,
               'origin': f'tfds:{self.name}[{index}]'}
     record['image_bytes' if isinstance(image, bytes) else 'image'] = image
     return record
