@@ -129,10 +129,31 @@ def prepare_config(config: ml_collections.ConfigDict, num_devices: int) -> ml_co
       # ASR is measured with the backdoor this run plants (and the stored config says which).
       config.eval.trigger = config.data.poison.trigger.copy_and_resolve_references()
       config.eval.target = config.data.poison.target
+    elif config.init_checkpoint and config.eval.trigger_from_run:
+      _inherit_backdoor(config)
   if config.total_steps <= 0:
     raise config_lib.ConfigError(f'total_steps={config.total_steps}: give --config.total_steps=N '
                                  'or --config.total_epochs=E (> 0)')
   return config
+
+
+def _inherit_backdoor(config: ml_collections.ConfigDict) -> None:
+  """A finetune (a defence) plants nothing: its ASR is measured with the trigger and target its
+  init checkpoint was measured with (the pretraining run's backdoor, passed down a chain of
+  finetunes), as the evaluation job's `eval.trigger_from_run` does for a run's own checkpoints."""
+  try:
+    stored = checkpoint.load_config(config.init_checkpoint).get('eval')
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning('eval.trigger: could not read the config of init_checkpoint=%s (%s); ASR uses '
+                    'this run\'s eval.trigger', config.init_checkpoint, e)
+    return
+  if stored is None or 'trigger' not in stored or 'target' not in stored:
+    return
+  config.eval.trigger = ml_collections.ConfigDict(stored['trigger'].to_dict())
+  config.eval.target = str(stored['target'])
+  logging.info('eval.trigger: %s, target %r, from init_checkpoint %s (the backdoor this defence '
+               'is measured against; --config.eval.trigger_from_run=False keeps this config\'s)',
+               config.eval.trigger.kind, config.eval.target, config.init_checkpoint)
 
 
 def _load_init_params(config: ml_collections.ConfigDict, model) -> Any:

@@ -109,6 +109,20 @@ def test_init_checkpoint_seeds_params_with_a_fresh_optimizer(reference, tmp_path
   assert first['loss'] != metrics_log.read_jsonl(ref_dir / 'metrics.jsonl')[0]['loss']
 
 
+def test_finetune_measures_asr_with_its_init_checkpoints_backdoor(reference, tmp_path):
+  ref_dir, _ = reference
+  planted = checkpoint.load_config(ref_dir).eval
+  finetune = tiny_config(init_checkpoint=str(ref_dir), **{
+      'data.poison.enabled': False, 'eval.trigger.kind': 'sig', 'eval.target': 'apple'})
+  assert planted.trigger.kind != 'sig' and planted.target != 'apple'
+  resolved = train.prepare_config(finetune, jax.device_count())
+  assert resolved.eval.trigger.to_dict() == planted.trigger.to_dict()
+  assert resolved.eval.target == planted.target
+  finetune.eval.trigger_from_run = False  # this config's own trigger, on request
+  resolved = train.prepare_config(finetune, jax.device_count())
+  assert resolved.eval.trigger.kind == 'sig' and resolved.eval.target == 'apple'
+
+
 def _poison_metrics(monkeypatch, step_to_change, **values):
   """Wraps the (cached, already compiled) step so its metrics at one step carry `values`."""
   real = train._step_function
