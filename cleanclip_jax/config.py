@@ -10,6 +10,8 @@ Durations are `total_steps` (or `total_epochs`, converted with the dataset size 
 
 from __future__ import annotations
 
+import re
+
 import ml_collections
 
 ConfigDict = ml_collections.ConfigDict
@@ -278,6 +280,23 @@ def validate(config: ConfigDict, num_devices: int) -> None:
     raise ConfigError(f'data.token_bucket={config.data.token_bucket}: use 0 (off) or a positive length multiple')
   if config.on_nan not in ('stop', 'skip'):
     raise ConfigError(f'on_nan={config.on_nan!r}: use stop or skip')
+  for key in ('log_every_steps', 'checkpoint_every_steps'):
+    if int(config[key]) < 1:  # unlike eval.every_steps / keep_every_steps, 0 is not "off" here
+      raise ConfigError(f'{key}={config[key]}: use a positive number of steps (--config.{key}=N)')
+  if config.optimizer.schedule not in ('cosine', 'constant'):
+    raise ConfigError(f'optimizer.schedule={config.optimizer.schedule!r}: use cosine or constant')
+  impl = config.objective.get('sharded_loss_impl', 'gather')
+  if impl not in ('gather', 'ring'):
+    raise ConfigError(f'objective.sharded_loss_impl={impl!r}: use gather or ring')
+  for rule in config.optimizer.lr_rules:
+    if len(rule) != 2:
+      raise ConfigError(f'optimizer.lr_rules: {rule!r} is not a (regex, multiplier) pair')
+    try:
+      re.compile(rule[0])
+    except (re.error, TypeError) as e:
+      raise ConfigError(f'optimizer.lr_rules: bad regex {rule[0]!r}: {e}') from None
+    if not isinstance(rule[1], (int, float)) or rule[1] < 0:
+      raise ConfigError(f'optimizer.lr_rules: multiplier {rule[1]!r} for {rule[0]!r} must be a number >= 0')
   from cleanclip_jax import models  # pylint: disable=import-outside-toplevel (jax, flax)
   if config.model.attention not in models.ATTENTION_IMPLS:
     raise ConfigError(f'model.attention={config.model.attention!r}: use one of {models.ATTENTION_IMPLS}')

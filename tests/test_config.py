@@ -65,6 +65,11 @@ def _bad(change):
     (lambda c: setattr(c, 'init_checkpoint', '/nonexistent/run'), r'init_checkpoint=.* does not exist'),
     (lambda c: setattr(c.model, 'attention', 'flash'), r"model.attention='flash': use one of"),
     (lambda c: setattr(c.model, 'attention', 'cudnn'), r'cudnn needs a 16-bit .*--config.model.dtype'),
+    (lambda c: setattr(c, 'checkpoint_every_steps', 0), r'checkpoint_every_steps=0: use a positive'),
+    (lambda c: setattr(c, 'log_every_steps', 0), r'log_every_steps=0: use a positive'),
+    (lambda c: setattr(c.optimizer, 'schedule', 'cosin'), r"optimizer.schedule='cosin': use cosine"),
+    (lambda c: setattr(c.objective, 'sharded_loss_impl', 'rings'), r"sharded_loss_impl='rings'"),
+    (lambda c: setattr(c.optimizer, 'lr_rules', (('^visual/(', 0.1),)), r"lr_rules: bad regex '\^visual/\('"),
 ])
 def test_config_errors_fail_before_compiling(change, expected, tmp_path, monkeypatch):
   def no_jit(*args, **kwargs):
