@@ -51,6 +51,10 @@ class CheckpointMismatchError(ValueError):
   """An intact checkpoint whose structure differs from the run's state (a changed config)."""
 
 
+class CheckpointRestoreError(RuntimeError):
+  """An intact checkpoint that fits the run's state could not be read back (I/O, data iterator)."""
+
+
 class NoCheckpointError(FileNotFoundError):
   """No committed, intact checkpoint where one was asked for."""
 
@@ -385,10 +389,11 @@ class Checkpointer:
       # discard good work: stop and say so instead.
       try:
         mismatches = state_mismatches(self.root / str(step) / 'state', abstract_state)
+        compared = True
       except Exception as e:  # pylint: disable=broad-except
         # Unreadable metadata: leave the verdict to the restore itself.
         logging.warning('Could not compare checkpoint %s with this run\'s state: %s', step, e)
-        mismatches = []
+        mismatches, compared = [], False
       if mismatches:
         raise self._mismatch(step, 'arrays differ: ' + '; '.join(mismatches))
       args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
@@ -396,7 +401,16 @@ class Checkpointer:
       try:
         restored = self._manager.restore(step, args=args)
       except Exception as e:  # pylint: disable=broad-except
-        raise self._mismatch(step, f'{type(e).__name__}: {e}') from e
+        if not compared:
+          raise self._mismatch(step, f'{type(e).__name__}: {e}') from e
+        # Its arrays fit this run, so this is not a changed config: do not send the user away
+        # from a good workdir.
+        raise CheckpointRestoreError(
+            f'reading checkpoint {self.root / str(step)} failed: {type(e).__name__}: {e}. Its '
+            'arrays match this run\'s state and its files their manifest. If the number of '
+            'processes changed since it was written, its data-iterator positions (one per '
+            'process) do not fit: resume with the process count that wrote it. Otherwise fix the '
+            'cause above (storage?) and rerun; the checkpoint is left in place.') from e
       logging.info('Resumed from checkpoint %s', self.root / str(step))
       return step, restored['state']
     return None

@@ -123,6 +123,22 @@ def test_intact_checkpoint_of_another_state_is_an_error_not_quarantined(tmp_path
   assert checkpoint.committed_steps(tmp_path) == [1, 2]  # nothing moved aside
 
 
+def test_failed_read_of_a_fitting_checkpoint_is_not_called_a_mismatch(tmp_path, mesh, monkeypatch):
+  save_steps(tmp_path, mesh, [1])
+  restorer = checkpoint.Checkpointer(tmp_path)
+
+  def broken_read(*args, **kwargs):
+    raise OSError(5, 'Input/output error')
+  monkeypatch.setattr(restorer._manager, 'restore', broken_read)
+  with pytest.raises(checkpoint.CheckpointRestoreError,
+                     match=r'checkpoints/1 failed: OSError: .*Input/output error.*arrays match') as info:
+    restorer.restore_latest(abstract(make_state(0, mesh)), make_iterator())
+  assert 'new --workdir' not in str(info.value)
+  monkeypatch.undo()
+  restorer.close()
+  assert checkpoint.committed_steps(tmp_path) == [1]
+
+
 def test_state_mismatches_names_missing_extra_and_reshaped_arrays(tmp_path, mesh):
   save_steps(tmp_path, mesh, [1])
   state_dir = tmp_path / 'checkpoints' / '1' / 'state'
