@@ -43,7 +43,15 @@ def initialize() -> None:
     try:
       jax.distributed.initialize()  # auto-detects TPU pods, SLURM, MPI, k8s
     except ValueError as e:
-      # Raised before any connection attempt when no cluster was detected.
+      # No cluster detected and no coordinator given: jax says so before connecting anything.
+      # Any other ValueError is a half-described cluster (e.g. JAX_COORDINATOR_ADDRESS without a
+      # process count): running on as one process there would make N independent runs write
+      # the same workdir.
+      if 'coordinator_address should be defined' not in str(e) or os.environ.get(ENV_COORDINATOR):
+        raise RuntimeError(
+            f'jax.distributed.initialize() failed: {e} Set all of {ENV_COORDINATOR}, '
+            f'{ENV_NUM_PROCESSES} and {ENV_PROCESS_ID} (launch/local.py does), launch under '
+            f'SLURM / a TPU pod, or set {ENV_DISABLE}=1 for a single process.') from e
       logging.info('Single-process run (%s)', e)
       return
   logging.info('jax.distributed: process %d of %d, %d local / %d global devices',

@@ -82,3 +82,23 @@ def test_launcher_stops_everyone_when_one_rank_fails():
   assert '--xla_force_host_platform_device_count=2' in result.stdout
   assert 'count=8' not in result.stdout
   assert 'rank 1 exited with 3' in result.stdout
+
+
+@pytest.mark.parametrize('message, single', [
+    ('coordinator_address should be defined.', True),  # no cluster: one process
+    ('Number of processes must be defined.', False),  # a coordinator without a process count
+])
+def test_only_a_missing_cluster_means_one_process(monkeypatch, message, single):
+  from cleanclip_jax import distributed
+
+  def initialize(*args, **kwargs):
+    raise ValueError(message)
+  for key in (distributed.ENV_NUM_PROCESSES, distributed.ENV_COORDINATOR, distributed.ENV_DISABLE):
+    monkeypatch.delenv(key, raising=False)
+  monkeypatch.setattr(jax.distributed, 'initialize', initialize)
+  monkeypatch.setattr(jax.distributed, 'is_initialized', lambda: False)
+  if single:
+    distributed.initialize()
+  else:
+    with pytest.raises(RuntimeError, match=r'Number of processes must be defined\. Set all of'):
+      distributed.initialize()
