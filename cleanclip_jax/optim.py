@@ -36,7 +36,10 @@ def path_str(path) -> str:
 
 def make_schedule(config: ml_collections.ConfigDict, total_steps: int | None = None) -> optax.Schedule:
   """Linear warmup from 0 to `learning_rate` over `warmup_steps`, then cosine to 0 at
-  `total_steps` (or constant for `optimizer.schedule='constant'`)."""
+  `total_steps` (or constant for `optimizer.schedule='constant'`).
+
+  The first update runs at schedule(0) = 0 (optax's and big_vision's convention; open_clip's
+  warmup starts at lr / warmup_steps), so warmup reaches the peak one step later than there."""
   peak = float(config.learning_rate)
   total = int(config.total_steps if total_steps is None else total_steps)
   warmup = max(0, min(int(config.warmup_steps), total - 1))
@@ -149,8 +152,10 @@ def accumulate_gradients(loss_and_grad: Callable[[Any, Any], tuple[tuple[jax.Arr
 
   `loss_and_grad(params, batch) -> ((loss, aux), grads)`. With `accum_steps == 1` this is a plain
   call. The result is the mean of the micro-batch results; for a loss that is a mean over
-  examples (supervised) it equals the full-batch gradient, but a contrastive loss over micro-batches
-  only contrasts each example with its own micro-batch, so it is NOT the full-batch CLIP loss.
+  examples (supervised, every row labelled) it equals the full-batch gradient (with unlabelled
+  rows each micro-batch averages over its own labelled ones), but a contrastive loss over
+  micro-batches only contrasts each example with its own micro-batch, so it is NOT the full-batch
+  CLIP loss.
   """
   if accum_steps <= 1:
     return loss_and_grad(params, batch)

@@ -306,7 +306,13 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.M
   grad_norm = optax.tree.norm(jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable))
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   if config.on_nan == 'skip':
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    # A skipped step keeps the params and AdamW's moments and count, but the learning-rate
+    # schedule still advances (as open_clip's scheduler does over an AMP-skipped step): the
+    # schedule stays a function of the global step, which is what `learning_rate` logs.
+    schedule_count = lambda x: isinstance(x, optax.ScaleByScheduleState)
+    keep = lambda new, old: jax.tree.map(
+        lambda n, o: n if schedule_count(n) else jnp.where(finite, n, o), new, old,
+        is_leaf=schedule_count)
     params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
   metrics = dict(metrics, loss=loss, grad_norm=grad_norm, param_norm=optax.tree.norm(params),
                  learning_rate=optim.make_schedule(config)(state.step),

@@ -5,6 +5,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from cleanclip_jax import config as config_lib
@@ -104,6 +105,12 @@ def test_siglip_step_updates_and_skips_non_finite_batches():
   metrics = jax.device_get(metrics)
   assert not np.isfinite(metrics['loss']) and metrics['skipped'] == 1 and int(state.step) == 2
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), after)
+  # AdamW's count stays (its moments did not move); the schedule's follows the global step, so
+  # the logged learning rate is the one the next update uses.
+  is_count = lambda x: isinstance(x, (optax.ScaleByScheduleState, optax.ScaleByAdamState))
+  counts = {type(node).__name__: int(node.count)
+            for node in jax.tree.leaves(state.opt_state, is_leaf=is_count) if is_count(node)}
+  assert counts == {'ScaleByAdamState': 1, 'ScaleByScheduleState': 2}
 
 
 def test_supervised_frozen_tower_with_accumulation_only_moves_the_head():
