@@ -125,6 +125,10 @@ def prepare_config(config: ml_collections.ConfigDict, num_devices: int) -> ml_co
       config.data.classnames = config.eval.classnames
     if config.objective.name == 'supervised' and config.objective.num_classes <= 0:
       config.objective.num_classes = _num_classes(config.data)
+    if config.data.poison.enabled and config.data.train_transform == 'random_resized_crop':
+      logging.warning('data.poison with data.train_transform=random_resized_crop: the crop comes '
+                      'after the trigger and can cut or rescale it in training, while evaluation '
+                      'stamps it on the whole image')
     if config.data.poison.enabled:
       # ASR is measured with the backdoor this run plants (and the stored config says which).
       config.eval.trigger = config.data.poison.trigger.copy_and_resolve_references()
