@@ -408,9 +408,10 @@ class Checkpointer:
         raise CheckpointRestoreError(
             f'reading checkpoint {self.root / str(step)} failed: {type(e).__name__}: {e}. Its '
             'arrays match this run\'s state and its files their manifest. If the number of '
-            'processes changed since it was written, its data-iterator positions (one per '
-            'process) do not fit: resume with the process count that wrote it. Otherwise fix the '
-            'cause above (storage?) and rerun; the checkpoint is left in place.') from e
+            'processes or data.num_workers changed since it was written, its data-iterator '
+            'positions (one per process and worker) do not fit: resume with the values that '
+            'wrote it (its config item has them). Otherwise fix the cause above (storage?) and '
+            'rerun; the checkpoint is left in place.') from e
       logging.info('Resumed from checkpoint %s', self.root / str(step))
       return step, restored['state']
     return None

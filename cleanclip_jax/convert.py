@@ -21,6 +21,7 @@ import zipfile
 from typing import Any, Mapping
 
 import numpy as np
+from absl import logging
 
 from cleanclip_jax.models.registry import MODELS, ModelConfig, TextConfig, VisionConfig
 
@@ -86,6 +87,18 @@ def _count(state: Mapping[str, np.ndarray], pattern: str) -> int:
   return len({m.group(1) for k in state if (m := rx.match(k))})
 
 
+# Vision widths whose released models do not use 64-wide heads (open_clip's ViT-H-14, ViT-g-14 and
+# ViT-bigG-14: 16 heads each). The weights do not record the head count, and a wrong one still
+# loads (the q/k/v reshape follows it) but computes other features; every text tower uses 64.
+_VISION_HEAD_WIDTHS = {1280: 80, 1408: 88, 1664: 104}
+
+
+def _mlp_ratio(hidden: int, width: int) -> float:
+  # The model builds int(width * ratio) hidden units; hidden / width can land just below an
+  # integer in floating point (6144 / 1408 * 1408 = 6143.99...), so aim at the middle.
+  return (hidden + 0.5) / width
+
+
 def infer_config(state: Mapping[str, np.ndarray], quick_gelu: bool = True) -> ModelConfig:
   """The architecture a state dict was saved from (OpenAI/open_clip key layout)."""
   try:
@@ -94,15 +107,15 @@ def infer_config(state: Mapping[str, np.ndarray], quick_gelu: bool = True) -> Mo
         context_length=state['positional_embedding'].shape[0],
         vocab_size=state['token_embedding.weight'].shape[0], width=text_width,
         heads=text_width // 64, layers=_count(state, r'transformer\.resblocks\.(\d+)\.'),
-        mlp_ratio=state['transformer.resblocks.0.mlp.c_fc.weight'].shape[0] / text_width)
+        mlp_ratio=_mlp_ratio(state['transformer.resblocks.0.mlp.c_fc.weight'].shape[0], text_width))
     embed_dim = state['text_projection'].shape[1]
     if 'visual.proj' in state:
       width, _, patch, _ = state['visual.conv1.weight'].shape
       grid = int(round((state['visual.positional_embedding'].shape[0] - 1) ** 0.5))
       vision = VisionConfig(
           image_size=grid * patch, layers=_count(state, r'visual\.transformer\.resblocks\.(\d+)\.'),
-          width=width, patch_size=patch,
-          mlp_ratio=state['visual.transformer.resblocks.0.mlp.c_fc.weight'].shape[0] / width)
+          width=width, patch_size=patch, head_width=_VISION_HEAD_WIDTHS.get(width, 64),
+          mlp_ratio=_mlp_ratio(state['visual.transformer.resblocks.0.mlp.c_fc.weight'].shape[0], width))
     else:
       layers = tuple(_count(state, rf'visual\.layer{s}\.(\d+)\.') for s in range(1, 5))
       grid = int(round((state['visual.attnpool.positional_embedding'].shape[0] - 1) ** 0.5))
@@ -265,20 +278,34 @@ def check_params(params, model) -> None:
                             f'checkpoint gives {flat_got.get(key)}')
 
 
-def load_pretrained(path: str, model=None, *, quick_gelu: bool = True, dtype: Any = 'float32',
+def load_pretrained(path: str, model=None, *, quick_gelu: bool | None = None, dtype: Any = 'float32',
                     remat: bool = False):
   """(CLIP module, params) from an OpenAI/open_clip checkpoint.
 
-  `model`: None (inferred from the weights), a registry name, or a `CLIP` module. `quick_gelu`,
-  `dtype`, `remat` apply when the model is built here.
+  `model`: None (inferred from the weights), a registry name, or a `CLIP` module. `quick_gelu`:
+  the activation the weights were trained with (OpenAI's: QuickGELU, the default when the model is
+  inferred; most open_clip-trained ones: GELU). The weights do not record it, so a named model
+  whose activation differs from an explicit `quick_gelu` is refused, and loading into a GELU model
+  is logged (OpenAI's weights there shift every feature; use the `-quickgelu` name). `dtype`,
+  `remat` apply when the model is built here.
   """
   from cleanclip_jax import models  # pylint: disable=import-outside-toplevel
   state = read_state_dict(path)
   if model is None:
-    config = infer_config(state, quick_gelu)
+    config = infer_config(state, True if quick_gelu is None else quick_gelu)
     model = models.CLIP(config, dtype=models.resolve_dtype(dtype), remat=remat)
-  elif isinstance(model, str):
-    model = models.create_model(model, dtype=dtype, remat=remat)
+  else:
+    if isinstance(model, str):
+      model = models.create_model(model, dtype=dtype, remat=remat)
+    uses_quick_gelu = getattr(getattr(model, 'clip', model).config, 'quick_gelu', None)
+    if quick_gelu is not None and uses_quick_gelu is not None and quick_gelu != uses_quick_gelu:
+      raise CheckpointError(
+          f'{path}: quick_gelu={quick_gelu} but the model uses '
+          f'{"QuickGELU" if uses_quick_gelu else "GELU"}; name the model with (or without) '
+          '"-quickgelu" to match the weights')
+    if uses_quick_gelu is False and quick_gelu is None:
+      logging.warning('%s: loading into a model with exact GELU; weights trained with QuickGELU '
+                      '(all of OpenAI\'s) need the "-quickgelu" model name', path)
   try:
     params = convert_state_dict(state, model.config)
     check_params(params, model)

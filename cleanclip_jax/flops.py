@@ -13,9 +13,11 @@ default) each transformer tower's last block computes only its pooled row, which
 FLOPs than counted (`executed=True` counts those); MFU still credits the model's count, as it does
 for open_clip, which computes every row.
 
-MFU = achieved model FLOP/s / peak FLOP/s. On accelerators the peak is the datasheet figure; on
-CPU there is none, so `measure_matmul_peak()` times a jitted f32 2048x2048 matmul on the current
-backend and that serves as the denominator.
+MFU = achieved model FLOP/s / peak FLOP/s. The denominator is measured, not a datasheet figure
+(there is none for a CPU): `measure_matmul_peak()` times a jitted square matmul on the current
+backend in the model's compute dtype (the trainer's `mfu`: a bf16 model on a GPU is set against the
+bf16 peak, not the TF32/f32 one, which is about half of it). `benchmarks/accelerator_step.py` also
+prints MFU against the datasheet.
 """
 
 from __future__ import annotations

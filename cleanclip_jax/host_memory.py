@@ -28,7 +28,10 @@ single-device calls only).
 The cost: host memory that was freed stays mapped (the resident size stays near its peak, as with
 tcmalloc or jemalloc). On by default in the entry points (trainer, evaluation, demo, benchmarks);
 CLEANCLIP_KEEP_FREED_MEMORY=0 in the environment leaves glibc and JAX's dispatch as they are.
-The mallopt part is Linux with glibc only; elsewhere it does nothing.
+The mallopt part is Linux with glibc only; elsewhere it does nothing. Where JAX will run on a GPU
+or TPU (`JAX_PLATFORMS` names one first, or none is named and an accelerator plugin is installed)
+it does nothing either: the steps' temporaries live on the device, and the host would only keep
+checkpoint and restore buffers it could give back.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ def keep_freed_memory() -> bool:
     return True
   if os.environ.get('CLEANCLIP_KEEP_FREED_MEMORY', '1') == '0':
     return False
-  if not sys.platform.startswith('linux'):
+  if not sys.platform.startswith('linux') or not _cpu_is_the_backend():
     return False
   try:
     libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
@@ -77,3 +80,15 @@ def keep_freed_memory() -> bool:
   jax.config.update('jax_cpu_enable_async_dispatch', False)
   _applied = True
   return True
+
+
+def _cpu_is_the_backend() -> bool:
+  platforms = os.environ.get('JAX_PLATFORMS', '') or jax.config.jax_platforms or ''
+  if platforms:
+    return platforms.split(',')[0].strip() == 'cpu'
+  # Nothing named: JAX picks an accelerator whose plugin (CUDA, ROCm: entry points) or libtpu is
+  # installed.
+  import importlib.metadata  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  return (not importlib.metadata.entry_points(group='jax_plugins')
+          and importlib.util.find_spec('libtpu') is None)

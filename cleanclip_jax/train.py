@@ -41,6 +41,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
@@ -90,7 +91,14 @@ def check_inputs(config: ml_collections.ConfigDict) -> None:
   """Fails fast (before compiling) when a file the run needs is not there."""
   data = config.data
   path = data.path
-  if data.source in ('csv', 'array_record') and path and '://' not in path:
+  for key, value in (('data.path', path), ('init_checkpoint', config.init_checkpoint),
+                     ('eval.path', config.eval.path)):
+    if value and '://' in value:
+      raise config_lib.ConfigError(
+          f'{key}={value!r}: remote URLs are not read directly (the sources, logs and summaries '
+          'use local file APIs); mount the bucket on every host (e.g. `gcsfuse BUCKET /gcs/BUCKET`) '
+          'and pass the mounted path')
+  if data.source in ('csv', 'array_record') and path:
     import glob  # pylint: disable=g-import-not-at-top
     if not (os.path.exists(path) or glob.glob(path) or glob.glob(os.path.join(path, '*.array_record'))):
       raise config_lib.ConfigError(
@@ -98,7 +106,7 @@ def check_inputs(config: ml_collections.ConfigDict) -> None:
           '--config.data.path=PATH to a CSV/TSV file, or an .array_record file, glob or folder')
   if config.init_checkpoint and config.init_pytorch:
     raise config_lib.ConfigError('set only one of init_checkpoint and init_pytorch')
-  if config.init_checkpoint and '://' not in config.init_checkpoint:
+  if config.init_checkpoint:
     if not os.path.exists(config.init_checkpoint):
       raise config_lib.ConfigError(
           f'init_checkpoint={config.init_checkpoint!r} does not exist; give a workdir, its '
@@ -235,8 +243,10 @@ class Throughput:
         flops.train_flops_per_example, clip.config, config.objective.name, config.batch_size,
         int(config.objective.num_classes), bool(config.objective.freeze_tower))
     on_cpu = jax.devices()[0].platform == 'cpu'
-    # The CPU peak is only a reference point; keep its measurement short.
-    peak = flops.measure_matmul_peak(size=512 if on_cpu else 4096, repeats=3 if on_cpu else 10)
+    # The CPU peak is only a reference point; keep its measurement short. In the model's compute
+    # dtype: a bf16 model is set against the bf16 peak (on a GPU ~2x the f32/TF32 one).
+    peak = flops.measure_matmul_peak(size=512 if on_cpu else 4096, repeats=3 if on_cpu else 10,
+                                     dtype=jnp.dtype(clip.dtype))
     self.peak_total = peak * jax.device_count()
     self._steps, self._seconds, self._flops, self._lengths, self._rows = 0, 0.0, 0.0, [], []
     self._last = time.perf_counter()
@@ -323,6 +333,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
   """
   from cleanclip_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   started = time.time()
+  if '://' in str(workdir):  # pathlib would turn gs://b/x into the local path gs:/b/x
+    raise config_lib.ConfigError(
+        f'--workdir {workdir}: remote URLs are not written directly (logs and summaries use local '
+        'file APIs); mount the bucket on every host (e.g. `gcsfuse BUCKET /gcs/BUCKET`) and pass '
+        'the mounted path')
   workdir = pathlib.Path(workdir)
   config = prepare_config(config, jax.device_count())
   is_main = jax.process_index() == 0

@@ -2,12 +2,16 @@
 # Runs the trainer on every worker of a Cloud TPU VM pod slice (one process per host).
 #
 #   launch/tpu_pod.sh TPU_NAME ZONE [PROJECT] -- --config configs/clip_pretrain.py:rn50_cc3m \
-#       --workdir gs://BUCKET/runs/rn50 --config.data.path=gs://BUCKET/cc3m/train-*.array_record
+#       --workdir /gcs/BUCKET/runs/rn50 --config.data.source=array_record \
+#       --config.data.path='/gcs/BUCKET/cc3m/train-*.array_record'
 #
 # Every worker runs the same command; jax.distributed.initialize() detects the pod on its own
 # (cleanclip_jax/distributed.py), each host reads its own share of the data, and process 0 logs.
-# The workdir must be on storage every host sees (a gs:// bucket), since checkpoints are written
-# by all hosts together. REPO_DIR (default ~/cleanclip_jax) is where the code lives on the
+# The workdir must be on storage every host sees, since checkpoints are written by all hosts
+# together: mount the bucket on every worker (e.g. `gcsfuse BUCKET /gcs/BUCKET`) and give mounted
+# paths; the trainer reads and writes local paths only and refuses gs:// URLs with that advice.
+# The workers' .venv needs JAX's TPU build on top of the set-up (`pip install 'jax[tpu]==0.10.2'`);
+# JAX_PLATFORMS=tpu makes a missing one an error rather than a silent CPU run. REPO_DIR (default ~/cleanclip_jax) is where the code lives on the
 # workers; sync it first, e.g. with `gcloud compute tpus tpu-vm scp --worker=all`.
 # Rerunning the same command resumes from the newest checkpoint (e.g. after a preemption).
 set -euo pipefail
@@ -24,7 +28,8 @@ REPO_DIR=${REPO_DIR:-'~/cleanclip_jax'}
 
 # Quote every trainer argument once for the remote shell.
 TRAINER_ARGS=$(printf ' %q' "$@")
-REMOTE="cd ${REPO_DIR} && . .venv/bin/activate && python -m cleanclip_jax.train${TRAINER_ARGS}"
+REMOTE="cd ${REPO_DIR} && . .venv/bin/activate && JAX_PLATFORMS=\${JAX_PLATFORMS:-tpu} python -m cleanclip_jax.train${TRAINER_ARGS}"
 
-exec gcloud compute tpus tpu-vm ssh "${TPU_NAME}" --zone "${ZONE}" "${PROJECT_FLAG[@]}" \
+# ${a[@]+...}: an empty array is "unbound" under set -u in bash < 4.4.
+exec gcloud compute tpus tpu-vm ssh "${TPU_NAME}" --zone "${ZONE}" ${PROJECT_FLAG[@]+"${PROJECT_FLAG[@]}"} \
   --worker=all --command "${REMOTE}"

@@ -5,6 +5,11 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 PY="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
+  if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    echo "cleanclip_jax needs Python 3.11+ (its pinned jax, numpy, flax and grain do); $PY is $("$PY" -V 2>&1)." >&2
+    echo "Run with PYTHON=python3.11 (or newer)." >&2
+    exit 1
+  fi
   "$PY" -m venv .venv
 fi
 # shellcheck disable=SC1091

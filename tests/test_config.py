@@ -66,6 +66,8 @@ def _bad(change):
     (lambda c: setattr(c.model, 'attention', 'flash'), r"model.attention='flash': use one of"),
     (lambda c: setattr(c.model, 'attention', 'cudnn'), r'cudnn needs a 16-bit .*--config.model.dtype'),
     (lambda c: setattr(c, 'checkpoint_every_steps', 0), r'checkpoint_every_steps=0: use a positive'),
+    (lambda c: (setattr(c.data, 'source', 'array_record'), setattr(c.data, 'path', 'gs://b/cc3m-*')),
+     r"data.path='gs://b/cc3m-\*': remote URLs .*gcsfuse"),
     (lambda c: setattr(c, 'log_every_steps', 0), r'log_every_steps=0: use a positive'),
     (lambda c: setattr(c.optimizer, 'schedule', 'cosin'), r"optimizer.schedule='cosin': use cosine"),
     (lambda c: setattr(c.objective, 'sharded_loss_impl', 'rings'), r"sharded_loss_impl='rings'"),
@@ -78,6 +80,12 @@ def test_config_errors_fail_before_compiling(change, expected, tmp_path, monkeyp
   with pytest.raises(config_lib.ConfigError, match=expected):
     train.run(_bad(change), tmp_path / 'run')
   assert not (tmp_path / 'run' / 'checkpoints').exists()
+
+
+def test_remote_workdir_is_refused_with_advice(tmp_path):
+  with pytest.raises(config_lib.ConfigError, match=r'--workdir gs://bucket/run: remote URLs .*gcsfuse'):
+    train.run(config_lib.load_config('clip_pretrain.py:tiny'), 'gs://bucket/run')
+  assert not os.path.exists('gs:')
 
 
 def _cli(*overrides, timeout=120):

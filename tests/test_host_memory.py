@@ -59,3 +59,15 @@ def test_repeated_steps_stop_faulting_pages_in():
   steady = sorted(faults)[:-1]
   assert max(steady) <= 1_000, (faults, faults_off)
   assert max(faults) < 2 * max(faults_off), (faults, faults_off)
+
+
+def test_not_applied_where_jax_runs_on_an_accelerator(monkeypatch):
+  from cleanclip_jax import host_memory
+  monkeypatch.setattr(host_memory, '_applied', False)
+  monkeypatch.delenv('CLEANCLIP_KEEP_FREED_MEMORY', raising=False)
+  for platforms in ('cuda', 'tpu,cpu'):
+    monkeypatch.setenv('JAX_PLATFORMS', platforms)
+    assert not host_memory._cpu_is_the_backend()
+    assert host_memory.keep_freed_memory() is False
+  monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
+  assert host_memory._cpu_is_the_backend()

@@ -108,8 +108,27 @@ def test_wrong_architecture_and_torchscript_are_refused(tmp_path):
   np.testing.assert_array_equal(params['text']['positional_embedding'],
                                 torch_model.positional_embedding.detach().numpy()[:16])
 
+  # The activation is not in the weights: an explicit one that contradicts the model is refused.
+  with pytest.raises(convert.CheckpointError, match='quick_gelu=False but the model uses QuickGELU'):
+    cc.load_pretrained(path, models.CLIP(config), quick_gelu=False)
+
   scripted = torch.jit.script(torch.nn.Linear(2, 2))
   script_path = os.path.join(tmp_path, 'openai.pt')
   scripted.save(script_path)
   with pytest.raises(convert.CheckpointError, match='TorchScript'):
     cc.load_pretrained(script_path)
+
+
+def test_inferred_wide_vits_get_their_head_width_and_exact_mlp_width():
+  # open_clip's ViT-g-14: vision width 1408 in 16 heads of 88, MLP 6144 (6144 / 1408 * 1408 is
+  # 6143.99... in floating point); its text tower has 64-wide heads. Shapes only (no memory).
+  shapes = {'ln_final.weight': (1024,), 'positional_embedding': (77, 1024),
+            'token_embedding.weight': (49408, 1024), 'transformer.resblocks.0.mlp.c_fc.weight': (4096, 1024),
+            'text_projection': (1024, 1024), 'visual.proj': (1408, 1024),
+            'visual.conv1.weight': (1408, 3, 14, 14), 'visual.positional_embedding': (257, 1408),
+            'visual.transformer.resblocks.0.mlp.c_fc.weight': (6144, 1408)}
+  state = {key: np.broadcast_to(np.float32(0), shape) for key, shape in shapes.items()}
+  config = convert.infer_config(state)
+  assert config.vision.heads == 16 and config.text.heads == 16
+  assert int(config.vision.width * config.vision.mlp_ratio) == 6144
+  assert int(config.text.width * config.text.mlp_ratio) == 4096

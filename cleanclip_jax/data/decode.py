@@ -7,8 +7,9 @@ turns it into a counted, logged skip or (with `data.on_bad_image='fail'`) an err
 What is decoded, and how:
 - formats PIL reads; the first frame of animated images (GIF, APNG, WebP);
 - EXIF orientation applied (a broken EXIF block is ignored: the pixels are still good);
-- CMYK, YCbCr, LAB, HSV, grayscale and 1-bit images converted to RGB; 16/32-bit integer images
-  (`I;16`, `I`) scaled to 8 bits by their range, not clipped;
+- CMYK, YCbCr, LAB, HSV, grayscale and 1-bit images converted to RGB; 16-bit images (`I;16`, and
+  PNG's 16-bit `I`) mapped onto 8 bits (value / 257, so 65535 is 255; larger 32-bit values clip);
+  float (`F`) images in [0, 1] scaled by 255;
 - transparency (RGBA, LA, palette images with a transparent colour) composited on **white**: logos
   and icons are dark-on-transparent far more often than light-on-transparent, and white is how a
   browser shows them;
