@@ -4,10 +4,12 @@
     python -m cleanclip_jax.train --config configs/cleanclip_finetune.py:rn50_cc3m \
         --workdir runs/rn50_cleanclip --config.init_checkpoint=runs/rn50_badnet \
         --config.data.path=/data/cc3m/clean_100k.csv
-    # ... from OpenAI / open_clip weights instead of one of our runs:
+    # ... from OpenAI's weights instead of one of our runs (their .pt is TorchScript: convert it
+    # once, `python -m cleanclip_jax.convert --torchscript RN50.pt RN50.safetensors`; OpenAI's
+    # towers use QuickGELU, hence the -quickgelu model):
     python -m cleanclip_jax.train --config configs/cleanclip_finetune.py:rn50_cc3m \
-        --workdir runs/rn50_cleanclip --config.init_pytorch=/weights/RN50.pt \
-        --config.data.path=/data/cc3m/clean_100k.csv
+        --workdir runs/rn50_cleanclip --config.init_pytorch=/weights/RN50.safetensors \
+        --config.model.name=RN50-quickgelu --config.data.path=/data/cc3m/clean_100k.csv
     # MMCL only (the paper's "finetune with CLIP loss" baseline): add `,objective=clip`.
     # Tiny, on the built-in data's clean finetuning split:
     python -m cleanclip_jax.train --config configs/cleanclip_finetune.py:tiny \
