@@ -409,10 +409,14 @@ class EvalLogger:
       logger.write(step, evaluate(model, params, config.eval, mesh))
   """
 
-  def __init__(self, workdir: str | pathlib.Path, tensorboard: bool = True, plot: bool = True):
+  def __init__(self, workdir: str | pathlib.Path, tensorboard: bool = True, plot: bool = True,
+               resume_step: int | None = None):
     self.dir = pathlib.Path(workdir) / 'eval'
     self.path = self.dir / 'metrics.jsonl'
     self.is_writer = jax.process_index() == 0
+    # A resumed trainer: TensorBoard hides the evaluations a killed run logged past this step, as
+    # metrics.jsonl is cut back to it (the trainer's own scalars do the same).
+    self._purge_step = None if resume_step is None else int(resume_step) + 1
     self._tensorboard = tensorboard
     self._plot = plot
     self._tb_writer = None
@@ -459,7 +463,7 @@ class EvalLogger:
   def _write_tensorboard(self, step: int, record: dict) -> None:
     if self._tb_writer is None:
       from tensorboardX import SummaryWriter
-      self._tb_writer = SummaryWriter(str(self.dir / 'tb'))
+      self._tb_writer = SummaryWriter(str(self.dir / 'tb'), purge_step=self._purge_step)
     for key, value in record.items():
       if key != 'step' and isinstance(value, (int, float)) and math.isfinite(value):
         self._tb_writer.add_scalar(f'eval/{key}', value, step)
@@ -556,7 +560,7 @@ def run_job(workdir: str, config, *, follow: bool = False, step: int | None = No
     mesh = _mesh_from_config(config)
     evaluate_fn = lambda workdir, step: evaluate_checkpoint(workdir, step, config, mesh)
   logger = EvalLogger(workdir)
-  done = logger.done_steps()
+  done = set(_agree(sorted(logger.done_steps())))
   evaluated: list[int] = []
 
   def run_one(step: int) -> None:
@@ -569,7 +573,7 @@ def run_job(workdir: str, config, *, follow: bool = False, step: int | None = No
 
   try:
     if not follow:
-      steps = checkpoint.committed_steps(workdir)
+      steps = _agree(checkpoint.committed_steps(workdir))
       if step is None and not steps:
         raise checkpoint.NoCheckpointError(f'no committed checkpoint in {workdir}/checkpoints')
       step = steps[-1] if step is None else int(step)
@@ -591,10 +595,19 @@ def run_job(workdir: str, config, *, follow: bool = False, step: int | None = No
       for step in pending:
         try:
           run_one(step)
-        except checkpoint.NoCheckpointError as e:
-          # The trainer's retention policy deleted it before we got to it; nothing to evaluate.
-          log.warning('step %d disappeared before it could be evaluated (%s); skipping it. Set '
-                      '--config.keep_checkpoints higher to evaluate every step.', step, e)
+        except Exception as e:  # pylint: disable=broad-except
+          # The trainer's retention may delete the step at any moment of reading it, and orbax
+          # then fails in one of several ways (NoCheckpointError, FileNotFoundError, ...): a step
+          # whose directory is gone was deleted; one still there that fails its integrity check is
+          # damaged; anything else is a real error.
+          if not (checkpoint.checkpoint_root(workdir) / str(step)).exists():
+            log.warning('step %d was deleted (the trainer\'s keep_checkpoints) before it could be '
+                        'evaluated (%s: %s); skipping it. Set --config.keep_checkpoints higher to '
+                        'evaluate every step.', step, type(e).__name__, e)
+          elif isinstance(e, checkpoint.NoCheckpointError):
+            log.error('step %d is damaged and is NOT evaluated: %s', step, e)
+          else:
+            raise
           done.add(step)
         idle_since = time.time()
       if finished:

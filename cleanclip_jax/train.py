@@ -378,7 +378,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
       from cleanclip_jax import evaluate  # pylint: disable=g-import-not-at-top
       if is_main:
         metrics_log.truncate_jsonl(workdir / 'eval' / 'metrics.jsonl', start_step)
-      eval_logger = evaluate.EvalLogger(workdir)
+      eval_logger = evaluate.EvalLogger(workdir, resume_step=start_step)
     throughput = Throughput(config, model)
     progress = _progress_bar(total, start_step)
     step_fn = _step_function(config, model, mesh, state_shardings)

@@ -3,6 +3,7 @@ known; the results logger; and the checkpoint-following job (fake checkpoint dir
 
 import json
 import pathlib
+import shutil
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -226,6 +227,33 @@ def test_eval_logger_jsonl_tensorboard_plot(tmp_path):
   assert logger.done_steps() == {10, 20, 40}
 
 
+def _tensorboard_events(folder):
+  import struct
+  from tensorboardX.proto import event_pb2
+  events = []
+  for path in sorted(pathlib.Path(folder).glob('events.out.tfevents.*')):
+    data, offset = path.read_bytes(), 0
+    while offset < len(data):  # TFRecord framing: length, its CRC, the event, its CRC
+      (length,) = struct.unpack('<Q', data[offset:offset + 8])
+      event = event_pb2.Event()
+      event.ParseFromString(data[offset + 12:offset + 12 + length])
+      events.append(event)
+      offset += 12 + length + 4
+  return events
+
+
+def test_resumed_logger_purges_later_tensorboard_points(tmp_path):
+  logger = evaluate.EvalLogger(tmp_path, plot=False, resume_step=20)
+  logger.write(30, {'top1': 0.33})
+  logger.close()
+  events = _tensorboard_events(tmp_path / 'eval' / 'tb')
+  # TensorBoard drops the points a killed run logged at steps > 20 when it meets this marker.
+  assert any(e.HasField('session_log') and e.session_log.status == e.session_log.START and e.step == 21
+             for e in events)
+  assert [(e.step, v.tag, round(v.simple_value, 2)) for e in events for v in e.summary.value] == [
+      (30, 'eval/top1', 0.33)]
+
+
 # --- the checkpoint-following job ---------------------------------------------------------------------
 
 
@@ -287,6 +315,32 @@ def test_follow_evaluates_each_committed_step_once_across_restarts(tmp_path):
   # Once more: nothing left to do, and the finished run means it returns at once.
   third = FakeEvaluator(tmp_path)
   assert evaluate.run_job(str(tmp_path), config, follow=True, timeout=0, evaluate_fn=third) == []
+
+
+def test_follow_skips_deleted_and_damaged_steps_but_not_real_errors(tmp_path, caplog):
+  config = config_lib.base_config()
+  for step in (2, 4, 6):
+    _commit(tmp_path, step)
+  (tmp_path / 'summary.json').write_text('{}')
+
+  class Racing(FakeEvaluator):
+    def __call__(self, workdir, step):
+      if step == 2:  # retention deletes it mid-read: orbax fails with whatever it hits
+        shutil.rmtree(self.workdir / 'checkpoints' / '2')
+        raise FileNotFoundError('checkpoints/2/config/metadata')
+      if step == 4:  # still there, but its files no longer match the manifest
+        raise checkpoint.NoCheckpointError('checkpoints/4: state/data has 3 bytes, manifest 4')
+      return super().__call__(workdir, step)
+
+  racing = Racing(tmp_path)
+  assert evaluate.run_job(str(tmp_path), config, follow=True, timeout=0, evaluate_fn=racing) == [6]
+  assert 'step 2 was deleted' in caplog.text and 'step 4 is damaged and is NOT evaluated' in caplog.text
+
+  def broken(workdir, step):
+    raise ValueError('a bug, not a race')
+  _commit(tmp_path, 8)
+  with pytest.raises(ValueError, match='a bug'):
+    evaluate.run_job(str(tmp_path), config, follow=True, timeout=0, evaluate_fn=broken)
 
 
 def test_single_evaluation_latest_or_given_step(tmp_path):
