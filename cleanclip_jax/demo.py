@@ -11,7 +11,9 @@ starts from the `tiny` presets of the real config files; under `DIR/<stage>/`):
   5. report: `DIR/report.md`, `DIR/report.json`, `DIR/report.png`.
 
 A rerun with the same workdir resumes: finished stages are skipped (the trainer itself resumes a
-stage that was interrupted), and evaluations are cached in `DIR/<stage>/demo_eval.json`.
+stage that was interrupted), and evaluations are cached in `DIR/<stage>/demo_eval.json`. The
+workdir records the arguments and a hash of every stage's config: another setting, or a changed
+`configs/demo.py`, is refused rather than mixed with the cached stages.
 """
 
 from __future__ import annotations
@@ -63,6 +65,12 @@ def _check_workdir(root: pathlib.Path, settings: dict) -> None:
     path.write_text(json.dumps(settings, indent=1))
 
 
+def _fingerprint(stages) -> str:
+  import hashlib  # pylint: disable=import-outside-toplevel
+  text = ''.join(name + config.to_json(sort_keys=True) for name, _, config in stages)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def _stage_finished(workdir: pathlib.Path) -> bool:
   return (workdir / 'summary.json').exists()
 
@@ -96,15 +104,23 @@ def run(workdir: str, attack: str = 'blended', target: str = 'banana', seed: int
                      f'choose one of: {", ".join(synthetic.CLASS_NAMES)}')
   root = pathlib.Path(workdir)
   root.mkdir(parents=True, exist_ok=True)
-  _check_workdir(root, {'attack': attack, 'target': target, 'seed': seed, 'fast': fast})
   stages = stage_configs(attack, target, seed, fast, clean_baseline)
-  rows, started = [], time.time()
+  # The stage configs themselves, not just the arguments: finished stages and their cached
+  # evaluations must not be reused after configs/demo.py (steps, rates, weights) has changed.
+  _check_workdir(root, {'attack': attack, 'target': target, 'seed': seed, 'fast': fast,
+                        'configs': _fingerprint(stages)})
+  rows, started, retrained = [], time.time(), set()
   for number, (name, label, config) in enumerate(stages, 1):
     stage_dir = root / name
     if name.startswith('finetune'):
       config.init_checkpoint = str(root / 'pretrain')
     stage_started = time.time()
     trained = not _stage_finished(stage_dir)
+    if name.startswith('finetune') and not trained and 'pretrain' in retrained:
+      raise SystemExit(f'{stage_dir} finetuned an earlier pretraining (pretrain was trained again '
+                       'just now); delete the finetune_* folders to redo them, or use another --workdir')
+    if trained:
+      retrained.add(name)
     print(f'[demo {number}/{len(stages)}] {label}: {config.total_steps} steps -> {stage_dir}'
           + ('' if trained else ' (finished earlier)'), flush=True)
     if trained:

@@ -7,7 +7,7 @@ import pathlib
 import pytest
 
 from cleanclip_jax import config as config_lib
-from cleanclip_jax import demo, metrics_log
+from cleanclip_jax import checkpoint, demo, metrics_log
 
 STAGES = ['pretrain', 'pretrain_clean', 'finetune_mmcl', 'finetune_cleanclip', 'finetune_supervised']
 # The end-to-end test skips the clean baseline (one stage less to compile); its config is checked below.
@@ -19,7 +19,7 @@ def _checkpoint_steps(stage_dir: pathlib.Path) -> list[str]:
 
 
 @pytest.mark.timeout(600)
-def test_fast_study_reports_every_stage_and_resumes(tmp_path, capsys):
+def test_fast_study_reports_every_stage_and_resumes(tmp_path, capsys, monkeypatch):
   workdir = tmp_path / 'study'
   report = demo.run(str(workdir), attack='badnet', target='apple', seed=3, fast=True)
   on_disk = json.loads((workdir / 'report.json').read_text())
@@ -39,8 +39,12 @@ def test_fast_study_reports_every_stage_and_resumes(tmp_path, capsys):
   assert by_stage['finetune_cleanclip']['classifier'] == 'zero-shot'
   # Zero-shot rows classify with the text tower: their ASR is the tower's zero-shot ASR.
   assert by_stage['finetune_cleanclip']['zeroshot_asr'] == by_stage['finetune_cleanclip']['asr']
-  assert by_stage['finetune_supervised']['zeroshot_asr'] == \
-      by_stage['finetune_supervised']['metrics']['zeroshot_asr']
+  # Every finetune starts from the poisoned pretraining, and is measured with its trigger.
+  planted = checkpoint.load_config(workdir / 'pretrain')
+  for stage in RUN_STAGES[1:]:
+    stored = checkpoint.load_config(workdir / stage)
+    assert stored.init_checkpoint == str(workdir / 'pretrain'), stage
+    assert stored.eval.trigger.to_dict() == planted.data.poison.trigger.to_dict(), stage
   assert (workdir / 'report.png').stat().st_size > 1000
   # The trainer feeds captions to the objectives that read them: packed for the CLIP objectives,
   # dropped for the supervised one.
@@ -63,10 +67,25 @@ def test_fast_study_reports_every_stage_and_resumes(tmp_path, capsys):
   assert {stage: (workdir / stage / 'summary.json').stat().st_mtime_ns for stage in RUN_STAGES} == mtimes
   assert [(r['clean_top1'], r['asr']) for r in again['rows']] == \
       [(r['clean_top1'], r['asr']) for r in report['rows']]
+  # Those come from the cache; evaluating a stage again from its checkpoint gives them too.
+  (workdir / 'finetune_cleanclip' / 'demo_eval.json').unlink()
+  fresh = demo.run(str(workdir), attack='badnet', target='apple', seed=3, fast=True)
+  assert fresh['rows'][2]['stage'] == 'finetune_cleanclip'
+  assert fresh['rows'][2]['metrics'] == report['rows'][2]['metrics'] | {
+      'eval_seconds': fresh['rows'][2]['metrics']['eval_seconds']}
 
-  # Other settings in the same workdir are refused rather than mixed in.
+  # Other settings in the same workdir are refused rather than mixed in, a changed stage config too.
   with pytest.raises(SystemExit, match='other settings'):
     demo.run(str(workdir), attack='sig', target='apple', seed=3, fast=True)
+  real = demo.stage_configs
+
+  def edited(*args):
+    stages = real(*args)
+    stages[2][2].learning_rate *= 2  # as if configs/demo.py had changed since
+    return stages
+  monkeypatch.setattr(demo, 'stage_configs', edited)
+  with pytest.raises(SystemExit, match=r"other settings \({'configs'"):
+    demo.run(str(workdir), attack='badnet', target='apple', seed=3, fast=True)
 
 
 def test_list_classes_and_bad_target(capsys, tmp_path):
