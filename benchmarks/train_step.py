@@ -330,7 +330,8 @@ def main(argv=None):
   print(f'captions of 6..{longest} tokens; the JAX clip steps are fed {fed} '
         f'(pack_captions {args.pack_captions}; token_bucket {args.token_bucket} if not packed), open_clip '
         f'{args.batch} rows of {cfg.text.context_length}')
-  summary = {'threads': args.threads, 'batch': args.batch, 'keep_freed_memory': kept, 'onednn_dots': onednn,
+  summary = {'cpu': cpu_dots.cpu_model(), 'threads': args.threads, 'batch': args.batch,
+             'keep_freed_memory': kept, 'onednn_dots': onednn,
              'load_average': round(os.getloadavg()[0], 2),
              'max_caption_tokens': longest, 'pack_captions': args.pack_captions,
              'token_columns': length, 'text_rows': round(rows * args.batch)}

@@ -47,7 +47,7 @@ def route_dots_to_onednn() -> bool:
     return True
   if os.environ.get(_OPT_OUT, '1') == '0' or 'onednn' in existing:
     return False
-  if not _cpu_is_the_backend():
+  if not cpu_is_the_backend():
     return False
   if xla_bridge.backends_are_initialized():
     logging.warning('cpu_dots: JAX backends already exist, so XLA CPU dots stay as they are; '
@@ -57,7 +57,9 @@ def route_dots_to_onednn() -> bool:
   return True
 
 
-def _cpu_is_the_backend() -> bool:
+def cpu_is_the_backend() -> bool:
+  """Whether JAX will compute on the CPU: JAX_PLATFORMS names only cpu, or names nothing and no
+  accelerator plugin (a `jax_plugins` package or entry point, libtpu) is installed."""
   platforms = os.environ.get('JAX_PLATFORMS') or jax.config.jax_platforms or ''
   named = {p.strip() for p in platforms.split(',') if p.strip()}
   if named:
@@ -65,3 +67,18 @@ def _cpu_is_the_backend() -> bool:
   return not (importlib.util.find_spec('libtpu') is not None
               or importlib.util.find_spec('jax_plugins') is not None
               or bool(importlib.metadata.entry_points(group='jax_plugins')))
+
+
+def cpu_model() -> str:
+  """The host CPU as /proc/cpuinfo names it (with its family / model numbers, which tell CPU
+  generations apart where the name does not, e.g. 'AMD EPYC'), for benchmark records: the
+  matmul peak, and so every MFU and speed ratio, depend on it."""
+  try:
+    with open('/proc/cpuinfo', encoding='utf-8') as f:
+      fields = dict(line.split(':', 1) for line in f.read().split('\n\n')[0].splitlines() if ':' in line)
+  except OSError:
+    import platform  # pylint: disable=g-import-not-at-top
+    return platform.processor() or platform.machine()
+  fields = {key.strip(): value.strip() for key, value in fields.items()}
+  return (f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')}, "
+          f"model {fields.get('model', '?')})")

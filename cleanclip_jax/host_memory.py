@@ -44,6 +44,8 @@ import sys
 
 import jax
 
+from cleanclip_jax import cpu_dots
+
 # mallopt parameters (glibc malloc.h).
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
 _TOP_PAD_BYTES = 1 << 30
@@ -60,7 +62,7 @@ def keep_freed_memory() -> bool:
     return True
   if os.environ.get('CLEANCLIP_KEEP_FREED_MEMORY', '1') == '0':
     return False
-  if not sys.platform.startswith('linux') or not _cpu_is_the_backend():
+  if not sys.platform.startswith('linux') or not cpu_dots.cpu_is_the_backend():
     return False
   try:
     libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
@@ -81,14 +83,3 @@ def keep_freed_memory() -> bool:
   _applied = True
   return True
 
-
-def _cpu_is_the_backend() -> bool:
-  platforms = os.environ.get('JAX_PLATFORMS', '') or jax.config.jax_platforms or ''
-  if platforms:
-    return platforms.split(',')[0].strip() == 'cpu'
-  # Nothing named: JAX picks an accelerator whose plugin (CUDA, ROCm: entry points) or libtpu is
-  # installed.
-  import importlib.metadata  # pylint: disable=g-import-not-at-top
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  return (not importlib.metadata.entry_points(group='jax_plugins')
-          and importlib.util.find_spec('libtpu') is None)

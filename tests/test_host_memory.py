@@ -62,12 +62,12 @@ def test_repeated_steps_stop_faulting_pages_in():
 
 
 def test_not_applied_where_jax_runs_on_an_accelerator(monkeypatch):
-  from cleanclip_jax import host_memory
+  from cleanclip_jax import cpu_dots, host_memory
   monkeypatch.setattr(host_memory, '_applied', False)
   monkeypatch.delenv('CLEANCLIP_KEEP_FREED_MEMORY', raising=False)
   for platforms in ('cuda', 'tpu,cpu'):
     monkeypatch.setenv('JAX_PLATFORMS', platforms)
-    assert not host_memory._cpu_is_the_backend()
+    assert not cpu_dots.cpu_is_the_backend()
     assert host_memory.keep_freed_memory() is False
   monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
-  assert host_memory._cpu_is_the_backend()
+  assert cpu_dots.cpu_is_the_backend()
