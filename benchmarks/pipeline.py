@@ -149,7 +149,7 @@ def main(argv=None) -> dict:
   for _ in range(max(1, args.rounds)):
     decode_rate = max(decode_rate, _rate(decode_resize, count, args.seconds))
     pipeline_rate = max(pipeline_rate, _rate(full_example, count, args.seconds))
-  result = {'cpu': cpu_dots.cpu_model(),
+  result = {'cpu_model': cpu_dots.cpu_model(),
             'decode_img_per_s': round(decode_rate, 1), 'pipeline_img_per_s': round(pipeline_rate, 1),
             'ratio': round(pipeline_rate / decode_rate, 3), 'poisoned': num_poisoned,
             'image_size': size, 'cold_captions': args.cold_captions, 'views': not args.no_views,
