@@ -663,6 +663,9 @@ def main(argv=None) -> None:
   def _main(argv):
     if len(argv) > 1:
       raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    if flags.FLAGS.follow and (flags.FLAGS.step is not None or flags.FLAGS.force):
+      raise app.UsageError('--follow evaluates every committed step once; --step and --force are '
+                           'for a single evaluation (drop --follow)')
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
     host_memory.keep_freed_memory()  # unless CLEANCLIP_KEEP_FREED_MEMORY=0; before JAX makes its CPU client
     cpu_dots.route_dots_to_onednn()  # unless CLEANCLIP_ONEDNN_DOTS=0; likewise before the CPU client
