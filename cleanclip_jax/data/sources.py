@@ -221,12 +221,15 @@ def _parse_labels(raw: list[str], lines: list[int], path: str, class_names: Sequ
                          f'{len(class_names)} class names [0, {len(class_names)})')
     return labels, (list(class_names) if class_names else None)
   names = list(class_names) if class_names else sorted(set(present))
-  lookup = _name_lookup(names)
+  # Against a given list, names match loosely (case, `_`); the file's own names are its classes as
+  # written.
+  key = _normalise_name if class_names else (lambda name: name)
+  lookup = _name_lookup(names, key)
   labels = np.full(len(values), -1, np.int32)
   for i, (value, line) in enumerate(zip(values, lines)):
-    if value and _normalise_name(value) not in lookup:
+    if value and key(value) not in lookup:
       raise CsvError(f'{path}:{line}: label {value!r} is not a class name (first names: {names[:5]})')
-    labels[i] = lookup[_normalise_name(value)] if value else -1
+    labels[i] = lookup[key(value)] if value else -1
   return labels, names
 
 
@@ -234,11 +237,11 @@ def _normalise_name(name: str) -> str:
   return ' '.join(name.replace('_', ' ').split()).lower()
 
 
-def _name_lookup(names: Sequence[str]) -> dict[str, int]:
+def _name_lookup(names: Sequence[str], key=_normalise_name) -> dict[str, int]:
   # The first index of a repeated name (ImageNet's list has two 'missile's), as zero-shot's target.
   lookup: dict[str, int] = {}
   for index, name in enumerate(names):
-    lookup.setdefault(_normalise_name(name), index)
+    lookup.setdefault(key(name), index)
   return lookup
 
 
@@ -375,7 +378,8 @@ def _read_class_names(path: str) -> list[str] | None:
 
 
 class FolderSource:
-  """An ImageNet-style tree `root/<class>/**/<image>`: class index = position in sorted folder names."""
+  """An ImageNet-style tree `root/<class>/**/<image>`: class index = position in sorted folder
+  names, or in `class_names` where the folders are named as that list names its classes."""
 
   def __init__(self, root: str, class_names: Sequence[str] | None = None):
     if not os.path.isdir(root):
