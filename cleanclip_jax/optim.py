@@ -152,8 +152,8 @@ def accumulate_gradients(loss_and_grad: Callable[[Any, Any], tuple[tuple[jax.Arr
 
   `loss_and_grad(params, batch) -> ((loss, aux), grads)`. With `accum_steps == 1` this is a plain
   call. The result is the mean of the micro-batch results; for a loss that is a mean over
-  examples (supervised, every row labelled) it equals the full-batch gradient (with unlabelled
-  rows each micro-batch averages over its own labelled ones), but a contrastive loss over
+  examples it equals the full-batch gradient (the supervised objective weights each micro-batch by
+  its share of the labelled rows: `train_step.loss_and_grads`), but a contrastive loss over
   micro-batches only contrasts each example with its own micro-batch, so it is NOT the full-batch
   CLIP loss.
   """

@@ -238,8 +238,12 @@ def text_input(batch: Mapping[str, jax.Array], key: str = 'tokens'):
   return batch[key]
 
 
-def _objective_loss(params, batch, model: nn.Module, config, mesh: Mesh):
-  """(loss, metrics) of one (micro-)batch for `config.objective`."""
+def _objective_loss(params, batch, model: nn.Module, config, mesh: Mesh, labelled_share=None):
+  """(loss, metrics) of one (micro-)batch for `config.objective`.
+
+  `labelled_share` (supervised, accumulating): this micro-batch's weight, its number of labelled
+  rows x accum_steps / the global batch's; the mean of the weighted micro-batch means is then the
+  global batch's mean, however the labelled rows fall into micro-batches."""
   objective = config.objective
   dtype = _clip_module(model).dtype
   loss_mesh = mesh if objective.sharded_loss else None
@@ -251,6 +255,9 @@ def _objective_loss(params, batch, model: nn.Module, config, mesh: Mesh):
       params = dict(params, clip=jax.lax.stop_gradient(params['clip']))
     logits = model.apply({'params': params}, normalize(batch['image'], dtype))
     terms = losses.supervised_loss(logits, batch['label'])
+    if labelled_share is not None:
+      weight = terms.num_labelled * labelled_share
+      terms = terms._replace(loss=terms.loss * weight, accuracy=terms.accuracy * weight)
     return terms.loss, {
         'supervised_loss': terms.loss, 'accuracy': terms.accuracy,
         'labelled_fraction': terms.num_labelled / batch['label'].shape[0],
@@ -285,12 +292,18 @@ def loss_and_grads(params, batch: Mapping[str, jax.Array], *, model: nn.Module,
                    config: ml_collections.ConfigDict, mesh: Mesh):
   """((loss, metrics), grads) of the global batch, accumulated over `optimizer.accum_steps`
   micro-batches: exactly what `train_step` feeds the optimiser."""
+  accum_steps = max(1, int(config.optimizer.accum_steps))
+  share = None
+  if config.objective.name == 'supervised' and accum_steps > 1:
+    # A mean over labelled rows: micro-batches holding fewer of them must weigh less.
+    share = accum_steps / jnp.maximum(jnp.sum(batch['label'] >= 0), 1).astype(jnp.float32)
+
   def loss_and_grad(params, micro_batch):
-    return jax.value_and_grad(_objective_loss, has_aux=True)(params, micro_batch, model, config, mesh)
+    return jax.value_and_grad(_objective_loss, has_aux=True)(params, micro_batch, model, config,
+                                                             mesh, share)
 
   micro_sharding = NamedSharding(mesh, P(None, sharding.BATCH_AXES))
-  return optim.accumulate_gradients(loss_and_grad, params, dict(batch),
-                                    max(1, int(config.optimizer.accum_steps)), micro_sharding)
+  return optim.accumulate_gradients(loss_and_grad, params, dict(batch), accum_steps, micro_sharding)
 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.Module,
