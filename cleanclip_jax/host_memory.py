@@ -82,4 +82,3 @@ def keep_freed_memory() -> bool:
   jax.config.update('jax_cpu_enable_async_dispatch', False)
   _applied = True
   return True
-

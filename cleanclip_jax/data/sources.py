@@ -272,6 +272,13 @@ def label_map(source_names: Sequence[str] | None, class_names: Sequence[str] | N
   return np.asarray(found, np.int32)
 
 
+def _relabel(mapping: np.ndarray | None, label: int) -> int:
+  """`label` through a `label_map` (None: unchanged); -1 (unlabelled) stays -1."""
+  if mapping is None or not 0 <= label < len(mapping):
+    return label
+  return int(mapping[label])
+
+
 def _is_int(value: str) -> bool:
   try:
     int(value)
@@ -346,8 +353,7 @@ class ArrayRecordSource:
   def __getitem__(self, index) -> dict[str, Any]:
     index = int(index)
     record = decode_record(self._source[index])
-    if self._label_map is not None and 0 <= record['label'] < len(self._label_map):
-      record['label'] = int(self._label_map[record['label']])
+    record['label'] = _relabel(self._label_map, record['label'])
     record.update(index=index, origin=f'{self.path}[{index}]')
     return record
 
@@ -445,9 +451,7 @@ class TfdsSource:
     index = int(index)
     example = self._source[index]
     image = example['image']
-    label = int(example.get('label', -1))
-    if self._label_map is not None and 0 <= label < len(self._label_map):
-      label = int(self._label_map[label])
+    label = _relabel(self._label_map, int(example.get('label', -1)))
     record = {'image_path': '', 'caption': '', 'label': label, 'index': index,
               'origin': f'tfds:{self.name}[{index}]'}
     record['image_bytes' if isinstance(image, bytes) else 'image'] = image
