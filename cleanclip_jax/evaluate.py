@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cleanclip_jax import cpu_dots, eval_metrics, host_memory, text_length, zeroshot
+from cleanclip_jax import cpu_dots, eval_metrics, host_memory, metrics_log, text_length, zeroshot
 from cleanclip_jax.data.normalize import normalize
 
 log = logging.getLogger(__name__)
@@ -462,8 +462,7 @@ class EvalLogger:
 
   def _write_tensorboard(self, step: int, record: dict) -> None:
     if self._tb_writer is None:
-      from tensorboardX import SummaryWriter
-      self._tb_writer = SummaryWriter(str(self.dir / 'tb'), purge_step=self._purge_step)
+      self._tb_writer = metrics_log.tensorboard_writer(self.dir / 'tb', purge_step=self._purge_step)
     for key, value in record.items():
       if key != 'step' and isinstance(value, (int, float)) and math.isfinite(value):
         self._tb_writer.add_scalar(f'eval/{key}', value, step)

@@ -88,6 +88,23 @@ class JsonlWriter:
       self._file = None
 
 
+_writers_opened = 0
+
+
+def tensorboard_writer(logdir: str | os.PathLike, **kwargs):
+  """A tensorboardX SummaryWriter whose event file name no other writer can take.
+
+  tensorboardX names the file after the second it was opened and the host, and opens it for
+  writing from scratch: a second writer in the same directory within the same second (the
+  trainer's inline evaluation and a following evaluation job on one host, or a quick restart)
+  would truncate the first one's events. The process id and a per-process count make it unique.
+  """
+  global _writers_opened
+  _writers_opened += 1
+  suffix = f'.{os.getpid()}.{_writers_opened}'
+  return _summary_writer_class()(str(logdir), filename_suffix=suffix, **kwargs)
+
+
 def _summary_writer_class():
   """tensorboardX.SummaryWriter, imported without torch.
 
@@ -114,10 +131,9 @@ class MetricsWriter:
     self.jsonl = JsonlWriter(workdir / 'metrics.jsonl', resume_step, enabled)
     self._tb = None
     if self.jsonl.enabled and tensorboard:
-      SummaryWriter = _summary_writer_class()  # pylint: disable=invalid-name
       # purge_step makes TensorBoard hide events a killed run logged past the resume step.
-      self._tb = SummaryWriter(str(workdir / 'tensorboard'), purge_step=resume_step + 1,
-                               flush_secs=30)
+      self._tb = tensorboard_writer(workdir / 'tensorboard', purge_step=resume_step + 1,
+                                    flush_secs=30)
 
   def write(self, step: int, values: Mapping[str, Any]) -> None:
     self.jsonl.write(step, values)

@@ -435,3 +435,18 @@ def test_text_encoder_cuts_prompts_after_the_longest_and_keeps_the_features():
   np.testing.assert_allclose(cut, whole, rtol=1e-5, atol=1e-6)
   mixed = np.concatenate([short, long_caption])
   assert encode(mixed, 16)[1] == {context}  # one full-length prompt: nothing to cut
+
+
+def test_two_loggers_in_one_second_keep_both_event_files(tmp_path):
+  # tensorboardX names event files by the second and the host only; without a unique suffix the
+  # second writer (a following job next to the trainer's inline evaluation) truncated the first's.
+  first = evaluate.EvalLogger(tmp_path, plot=False)
+  second = evaluate.EvalLogger(tmp_path, plot=False)
+  first.write(10, {'top1': 0.1})
+  second.write(20, {'top1': 0.2})
+  first.close()
+  second.close()
+  assert len(list((tmp_path / 'eval' / 'tb').glob('events.out.tfevents.*'))) == 2
+  points = sorted((e.step, round(v.simple_value, 2))
+                  for e in _tensorboard_events(tmp_path / 'eval' / 'tb') for v in e.summary.value)
+  assert points == [(10, 0.1), (20, 0.2)]
