@@ -3,11 +3,14 @@
 Nothing here touches a model, a dataset or a device mesh: `evaluate.py` produces the arrays, these
 functions turn them into numbers, and the tests check them against hand-made answers.
 
-Ties in a score row are broken towards the lower index, the way `argmax` does, so a classifier
-that gives every class the same score is not credited with a top-1 hit (or a successful attack)
-just because the true class tied for first. A row with a non-finite score (a diverged model's NaN
-features) is a miss and predicts no class: NaN compares false with everything, so without this
-rule every such row would rank its label first and a NaN model would score 100% top-1.
+A tie counts against the class being scored: the true class ranks below every other class with
+an equal score, and a row whose top score is shared predicts no class. So a classifier that gives
+every class the same score (a zero-initialised head, collapsed features) scores no top-1 hit and
+no successful attack, whichever index the true class or the target has (breaking ties towards the
+lower index, as `argmax` does, credited it with every attack on a target of class 0, which the
+built-in targets are). A row with a non-finite score (a diverged model's NaN features) is a miss
+and predicts no class: NaN compares false with everything, so without this rule every such row
+would rank its label first and a NaN model would score 100% top-1.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ import optax
 
 
 def ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
-  """The 0-based rank of `targets[i]` in row `scores[i]` (0 = top), ties to the lower index; C
-  (past the last class) for a row with a non-finite score.
+  """The 0-based rank of `targets[i]` in row `scores[i]` (0 = top): the number of other classes
+  scoring at least as high (ties count against it); C (past the last class) for a row with a
+  non-finite score.
 
   Args:
     scores: float [N, C].
@@ -38,15 +42,17 @@ def ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
                      f'[{targets.min()}, {targets.max()}]')
   true_score = np.take_along_axis(scores, targets[:, None], axis=1)
   column = np.arange(scores.shape[1])[None, :]
-  beaten_by = (scores > true_score) | ((scores == true_score) & (column < targets[:, None]))
+  beaten_by = (scores >= true_score) & (column != targets[:, None])
   return np.where(np.isfinite(scores).all(axis=1), beaten_by.sum(axis=1), scores.shape[1])
 
 
 def predictions(scores: np.ndarray) -> np.ndarray:
-  """The top class of each row (`argmax`: ties to the lower index), -1 for a row with a non-finite
-  score (argmax would name class 0 for an all-NaN row)."""
+  """The top class of each row; -1 where the top score is shared (no class wins) or a score is
+  non-finite (argmax would name class 0 for both)."""
   scores = np.asarray(scores)
-  return np.where(np.isfinite(scores).all(axis=1), scores.argmax(axis=1), -1)
+  top = scores.argmax(axis=1)
+  unique = (scores == scores.max(axis=1, keepdims=True)).sum(axis=1) == 1
+  return np.where(np.isfinite(scores).all(axis=1) & unique, top, -1)
 
 
 def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int = 1,
@@ -83,8 +89,14 @@ def attack_success_rate(predictions: np.ndarray, labels: np.ndarray, target: int
 
 
 def retrieval_recall(image_features: np.ndarray, text_features: np.ndarray,
-                     ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+                     ks: Sequence[int] = (1, 5, 10),
+                     caption_groups: np.ndarray | None = None) -> dict[str, float]:
   """Recall@k for paired embeddings: image i's caption is text i (and vice versa).
+
+  `caption_groups` (int [N]) marks captions the model cannot tell apart (the same tokens: a
+  dataset's repeated captions), which are then one caption: each is a hit for every image that
+  has it, and each of those images a hit for it. Without it a repeated caption always loses to
+  its own copy (a tie counts against the scored item), capping recall below 1 for a perfect model.
 
   Returns `image_to_text_r{k}` and `text_to_image_r{k}` for each k, and `retrieval_r{k}`, their
   mean. Similarities are dot products, so pass L2-normalised features for cosine retrieval.
@@ -94,16 +106,28 @@ def retrieval_recall(image_features: np.ndarray, text_features: np.ndarray,
   if image_features.shape != text_features.shape:
     raise ValueError(f'retrieval_recall: {image_features.shape} image vs {text_features.shape} '
                      'text features; retrieval needs one caption per image')
+  groups = np.arange(len(image_features)) if caption_groups is None else np.asarray(caption_groups)
+  if groups.shape != image_features.shape[:1]:
+    raise ValueError(f'retrieval_recall: caption_groups {groups.shape} for {len(image_features)} '
+                     'pairs')
   similarity = image_features @ text_features.T
-  pairs = np.arange(len(similarity))
-  image_ranks = ranks(similarity, pairs)
-  text_ranks = ranks(similarity.T, pairs)
+  positive = groups[:, None] == groups[None, :]
+  image_ranks = _rank_of_best_positive(similarity, positive)
+  text_ranks = _rank_of_best_positive(similarity.T, positive)
   out = {}
   for k in ks:
     out[f'image_to_text_r{k}'] = float(np.mean(image_ranks < k))
     out[f'text_to_image_r{k}'] = float(np.mean(text_ranks < k))
     out[f'retrieval_r{k}'] = (out[f'image_to_text_r{k}'] + out[f'text_to_image_r{k}']) / 2
   return out
+
+
+def _rank_of_best_positive(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
+  """Per row: how many non-positive columns score at least as high as its best positive (ties
+  count against it, as in `ranks`); the column count for a row with a non-finite score."""
+  best = np.where(positive, scores, -np.inf).max(axis=1, keepdims=True)
+  beaten_by = (scores >= best) & ~positive
+  return np.where(np.isfinite(scores).all(axis=1), beaten_by.sum(axis=1), scores.shape[1])
 
 
 def mean_cosine_similarity(features: np.ndarray, direction: np.ndarray,

@@ -29,15 +29,23 @@ def test_topk_with_fewer_classes_than_k_is_clamped():
   assert em.topk_accuracy(logits, np.array([0, 2]), 1) == 0.0
 
 
-def test_ties_go_to_the_lower_index_like_argmax():
+def test_ties_count_against_the_scored_class():
+  # A constant classifier (a zero-initialised head) ranks every true class last and predicts no
+  # class, so it scores no top-1 and no attack, on target 0 (every built-in target's index) too.
   constant = np.zeros((4, 3))
   labels = np.array([0, 1, 2, 1])
-  assert em.topk_accuracy(constant, labels, 1) == pytest.approx(np.mean(labels == 0))
-  np.testing.assert_array_equal(em.ranks(constant, labels), labels)
-  # A constant classifier has not "succeeded" on images of class 1 and 2 targeting class 2.
-  predictions = constant.argmax(-1)
-  asr, count = em.attack_success_rate(predictions, labels, target=2)
-  assert (asr, count) == (0.0, 3)
+  assert em.topk_accuracy(constant, labels, 1) == 0.0
+  assert em.topk_accuracy(constant, labels, 2) == 0.0
+  assert em.topk_accuracy(constant, labels, 3) == 1.0
+  np.testing.assert_array_equal(em.ranks(constant, labels), [2, 2, 2, 2])
+  np.testing.assert_array_equal(em.predictions(constant), [-1, -1, -1, -1])
+  for target in (0, 2):
+    asr, count = em.attack_success_rate(em.predictions(constant), labels, target=target)
+    assert asr == 0.0 and count == int(np.sum(labels != target))
+  # A tie for second place costs only that place; a unique top score still predicts its class.
+  scores = np.array([[3.0, 1.0, 1.0], [1.0, 2.0, 2.0]])
+  np.testing.assert_array_equal(em.ranks(scores, np.array([1, 0])), [2, 2])
+  np.testing.assert_array_equal(em.predictions(scores), [0, -1])
 
 
 def test_non_finite_scores_are_misses_and_predict_no_class():
@@ -84,6 +92,25 @@ def test_retrieval_recall_identity_vs_permuted():
   # Shifting the captions by one: image i's own caption is now at rank >= 1 -> recall@1 = 0.
   shifted = em.retrieval_recall(features, np.roll(features, 1, axis=0))
   assert shifted['image_to_text_r1'] == 0.0 and shifted['text_to_image_r1'] == 0.0
+
+
+def test_retrieval_counts_repeated_captions_as_one():
+  # Images 0 and 2 share a caption ("look at this!"): its two copies have identical features, so
+  # a perfect model cannot put image 2's copy above image 0's. Grouped, both are hits.
+  image = em.l2_normalize(np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]))
+  text = image.copy()
+  plain = em.retrieval_recall(image, text, ks=(1,))
+  assert plain['image_to_text_r1'] == pytest.approx(1 / 3)  # each copy loses to the other
+  grouped = em.retrieval_recall(image, text, ks=(1,), caption_groups=np.array([0, 1, 0]))
+  assert grouped['image_to_text_r1'] == 1.0 and grouped['text_to_image_r1'] == 1.0
+  # A group is one positive, not a free pass: image 1 with an unrelated caption still misses.
+  unrelated = text.copy()
+  unrelated[1] = [0.0, 0.0, 1.0]
+  wrong = em.retrieval_recall(image, unrelated, ks=(1,), caption_groups=np.array([0, 1, 0]))
+  assert wrong['image_to_text_r1'] == pytest.approx(2 / 3)
+  assert wrong['text_to_image_r1'] == pytest.approx(2 / 3)
+  with pytest.raises(ValueError, match='caption_groups'):
+    em.retrieval_recall(image, text, caption_groups=np.array([0, 1]))
 
 
 def test_retrieval_asymmetric_case():
