@@ -23,7 +23,7 @@ import math
 import pathlib
 import sys
 import time
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -211,7 +211,8 @@ def _progress(iterable: Iterable, total: int | None, desc: str) -> Iterator:
 # --- evaluate ---------------------------------------------------------------------------------------
 
 
-def evaluate(model, params, eval_cfg, mesh=None, tokenizer=None) -> dict[str, float]:
+def evaluate(model, params, eval_cfg, mesh=None, tokenizer=None,
+             head_classnames: Sequence[str] | None = None) -> dict[str, float]:
   """Every enabled metric for one set of parameters; all values are floats.
 
   Always: `zeroshot_top1`, `zeroshot_top5` and, with `eval_cfg.asr`, `zeroshot_asr`. Then `top1`,
@@ -226,6 +227,9 @@ def evaluate(model, params, eval_cfg, mesh=None, tokenizer=None) -> dict[str, fl
     eval_cfg: `config.eval`.
     mesh: defaults to every device on the batch axis.
     tokenizer: `texts, context_length -> int32 tokens`; defaults to the packaged CLIP BPE.
+    head_classnames: the classes of the linear head's outputs, in order, where known (a
+      supervised run's class list); a head over other classes than `eval_cfg.classnames` is
+      refused under classifier='head' and left out, with a warning, otherwise.
   """
   started = time.time()
   mesh = mesh if mesh is not None else _default_mesh()
@@ -233,6 +237,8 @@ def evaluate(model, params, eval_cfg, mesh=None, tokenizer=None) -> dict[str, fl
     from cleanclip_jax import tokenizer as tokenizer_lib
     tokenizer = tokenizer_lib.get_tokenizer()
   clip_params, head = _split_params(params)
+  classnames = zeroshot.load_classnames(eval_cfg.classnames)
+  head = _head_for_classes(eval_cfg.classifier, head, classnames, head_classnames)
   use_head = _use_head(eval_cfg.classifier, head)
   clip = _clip_module(model)
   if eval_cfg.image_size != clip.image_size:
@@ -244,7 +250,6 @@ def evaluate(model, params, eval_cfg, mesh=None, tokenizer=None) -> dict[str, fl
   encoders = Encoders(clip, clip_params, mesh)
   tokenize = lambda texts: tokenizer(texts, encoders.context_length)
 
-  classnames = zeroshot.load_classnames(eval_cfg.classnames)
   templates = zeroshot.load_templates(eval_cfg.templates)
   class_weights = zeroshot.class_embeddings(encoders.texts, tokenize, classnames, templates)
   target = zeroshot.target_index(classnames, eval_cfg.target) if eval_cfg.asr else None
@@ -322,8 +327,11 @@ def _linear_probe(encoders, eval_cfg, test: Features, num_classes: int, target: 
 def _retrieval(encoders, eval_cfg, features: Features, tokenize):
   """Recall@k between the eval set's images and their own captions."""
   captions = _eval_captions(eval_cfg, features.indices)
-  text = encoders.texts(tokenize(list(captions)))
-  return eval_metrics.retrieval_recall(features.clean, text, RECALL_AT)
+  tokens = np.asarray(tokenize(list(captions)))
+  text = encoders.texts(tokens)
+  # Captions with the same tokens (a dataset's repeats) get the same features: one caption.
+  groups = np.unique(tokens, axis=0, return_inverse=True)[1].reshape(-1)
+  return eval_metrics.retrieval_recall(features.clean, text, RECALL_AT, caption_groups=groups)
 
 
 def _eval_captions(eval_cfg, indices: np.ndarray) -> list[str]:
@@ -355,6 +363,29 @@ def _to_host(value) -> np.ndarray:
     from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(value, tiled=True))
   return np.asarray(value)
+
+
+def _head_for_classes(classifier: str, head, classnames: Sequence[str],
+                      head_classnames: Sequence[str] | None):
+  """`head`, or None where it scores other classes than the evaluation's: its output i would be
+  read as class i of `classnames`, a silently wrong top-1 and ASR."""
+  if head is None:
+    return None
+  outputs = int(np.shape(head['kernel'])[-1])
+  problem = None
+  if outputs != len(classnames):
+    problem = f'the linear head has {outputs} outputs, the evaluation {len(classnames)} classes'
+  elif head_classnames is not None and list(head_classnames) != list(classnames):
+    differ = next(i for i, (a, b) in enumerate(zip(head_classnames, classnames)) if a != b)
+    problem = (f'the linear head was trained on another class list (its class {differ} is '
+               f'{head_classnames[differ]!r}, the evaluation\'s {classnames[differ]!r})')
+  if problem is None:
+    return head
+  if classifier == 'head':
+    raise ValueError(f"eval.classifier='head': {problem}; evaluate it on the class list it was "
+                     "trained on (eval.classnames), or use eval.classifier='zeroshot'")
+  log.warning('eval: %s; scoring zero-shot only (no head_* metrics)', problem)
+  return None
 
 
 def _use_head(classifier: str, head) -> bool:
@@ -520,14 +551,35 @@ def _jsonable(value):
 
 
 def eval_config_for_run(eval_cfg, run_config):
-  """`eval_cfg`, with the run's trigger and target when `eval_cfg.trigger_from_run`."""
+  """`eval_cfg`, with the run's trigger and target when `eval_cfg.trigger_from_run`.
+
+  The run's target is taken only where the evaluation's class list has it: a run poisoned towards
+  'banana' evaluated on CIFAR-10 keeps the preset's own target (logged), rather than failing on a
+  class CIFAR-10 does not have; the trigger is taken either way.
+  """
   eval_cfg = eval_cfg.copy_and_resolve_references()
   run_eval = run_config.get('eval') if run_config is not None else None
   if eval_cfg.trigger_from_run and run_eval is not None and 'trigger' in run_eval:
+    run_target = str(run_eval['target'])
     with eval_cfg.unlocked():
       eval_cfg.trigger = ml_collections.ConfigDict(run_eval['trigger'].to_dict())
-      eval_cfg.target = str(run_eval['target'])
+      if run_target != eval_cfg.target:
+        try:
+          zeroshot.target_index(zeroshot.load_classnames(eval_cfg.classnames), run_target)
+          eval_cfg.target = run_target
+        except ValueError:
+          log.warning('eval: the run\'s target %r is not an evaluation class (eval.classnames=%s); '
+                      'ASR is measured against eval.target=%r', run_target, eval_cfg.classnames,
+                      eval_cfg.target)
   return eval_cfg
+
+
+def tokenizer_for_run(run_config):
+  """The tokenizer the run trained with (`model.tokenizer`: its own BPE, or '' for CLIP's), so
+  class prompts and captions get the token ids the text tower learnt."""
+  from cleanclip_jax import tokenizer as tokenizer_lib
+  path = run_config.model.get('tokenizer', '') if run_config is not None else ''
+  return tokenizer_lib.get_tokenizer(path or None)
 
 
 def evaluate_checkpoint(workdir: str, step: int, config, mesh=None) -> dict[str, float]:
@@ -536,7 +588,18 @@ def evaluate_checkpoint(workdir: str, step: int, config, mesh=None) -> dict[str,
   run_config = checkpoint.load_config(workdir, step)
   model = train_step.model_for_config(run_config)
   params = checkpoint.restore_params(workdir, step)
-  return evaluate(model, params, eval_config_for_run(config.eval, run_config), mesh=mesh)
+  return evaluate(model, params, eval_config_for_run(config.eval, run_config), mesh=mesh,
+                  tokenizer=tokenizer_for_run(run_config),
+                  head_classnames=_head_classnames(run_config))
+
+
+def _head_classnames(run_config) -> list[str] | None:
+  """A supervised run's head classes: its data's class list (which defaults to its
+  eval.classnames, train.py), None for other objectives."""
+  if run_config is None or run_config.objective.name != 'supervised':
+    return None
+  spec = run_config.data.get('classnames', '') or run_config.eval.classnames
+  return zeroshot.load_classnames(spec)
 
 
 def training_finished(workdir: str | pathlib.Path) -> bool:

@@ -318,7 +318,8 @@ def _step_function(config, model, mesh, state_shardings):
 
 def _inline_eval(step: int, model, params, config, mesh, logger) -> dict[str, float]:
   from cleanclip_jax import evaluate  # pylint: disable=g-import-not-at-top
-  metrics = evaluate.evaluate(model, params, config.eval, mesh=mesh)
+  metrics = evaluate.evaluate(model, params, config.eval, mesh=mesh,
+                              tokenizer=evaluate.tokenizer_for_run(config))
   logger.write(step, metrics)
   logging.info('eval @ step %d: %s', step, {k: round(float(v), 4) for k, v in metrics.items()})
   return metrics

@@ -371,6 +371,57 @@ def test_eval_config_takes_the_runs_trigger(tmp_path):
   assert evaluate.eval_config_for_run(ev, run).trigger.kind == ev.trigger.kind
 
 
+def test_eval_config_keeps_its_target_when_the_runs_is_not_an_eval_class(tmp_path, caplog):
+  run = config_lib.base_config()  # poisoned towards 'banana'
+  run.eval.trigger.kind = 'blended'
+  ev = config_lib.load_config('eval.py:cifar10').eval
+  assert ev.target == 'airplane'
+  with caplog.at_level('WARNING'):
+    cfg = evaluate.eval_config_for_run(ev, run)
+  # CIFAR-10 has no banana: the preset's target and the run's trigger, and a warning.
+  assert cfg.target == 'airplane' and cfg.trigger.kind == 'blended'
+  assert "run's target 'banana' is not an evaluation class" in caplog.text
+
+
+def test_evaluation_tokenizes_with_the_runs_tokenizer(tmp_path):
+  captions = [f'a photo of a {name} on the {place}' for name in ('cat', 'banana', 'horse')
+              for place in ('grass', 'table')] * 5
+  path = tokenizer_lib.train_bpe(captions, str(tmp_path), vocab_size=600, min_frequency=2)
+  run = config_lib.base_config()
+  run.model.tokenizer = path
+  ids = evaluate.tokenizer_for_run(run)(['a photo of a banana.'], 77)
+  np.testing.assert_array_equal(ids, tokenizer_lib.tokenize(['a photo of a banana.'], 77, path))
+  # Before, evaluation always used CLIP's BPE: ids this run's text tower never saw.
+  assert not np.array_equal(ids, tokenizer_lib.tokenize(['a photo of a banana.'], 77))
+  run.model.tokenizer = ''
+  np.testing.assert_array_equal(evaluate.tokenizer_for_run(run)(['a banana'], 77),
+                                tokenizer_lib.tokenize(['a banana'], 77))
+
+
+def test_a_head_over_other_classes_is_refused_or_left_out(tmp_path, fake_data, caplog):
+  cfg = _eval_cfg(tmp_path)
+  model = FakeCLIP(len(CLASSES), 1, TARGET)
+  params = _params(np.full((1, SIZE, SIZE, 3), 7, np.uint8))  # a backdoor no test image fires
+  # A head over 5 classes, or over the right number in another order, scored as these 4: its
+  # output i would be read as CLASSES[i].
+  wide = {'kernel': np.eye(len(CLASSES), 5, dtype=np.float32), 'bias': np.zeros(5, np.float32)}
+  same = {'kernel': np.eye(len(CLASSES), dtype=np.float32), 'bias': np.zeros(4, np.float32)}
+  for head, head_classes in ((wide, None), (same, ['one', 'zero', 'two', 'banana'])):
+    with caplog.at_level('WARNING'):
+      metrics = evaluate.evaluate(model, {'clip': params, 'head': head}, cfg,
+                                  head_classnames=head_classes)
+    assert metrics['used_head'] == 0.0 and 'head_top1' not in metrics
+    assert metrics['top1'] == metrics['zeroshot_top1'] == 1.0
+    assert 'scoring zero-shot only' in caplog.text
+    cfg.classifier = 'head'
+    with pytest.raises(ValueError, match='linear head'):
+      evaluate.evaluate(model, {'clip': params, 'head': head}, cfg, head_classnames=head_classes)
+    cfg.classifier = 'auto'
+  # The list it was trained on: used.
+  metrics = evaluate.evaluate(model, {'clip': params, 'head': same}, cfg, head_classnames=CLASSES)
+  assert metrics['used_head'] == 1.0 and metrics['head_top1'] == 1.0
+
+
 def test_job_on_a_real_tiny_checkpoint(tmp_path, monkeypatch):
   """checkpoint.py's files, the stored config's model and trigger, the real pipeline and CLI path."""
   import grain
@@ -394,13 +445,15 @@ def test_job_on_a_real_tiny_checkpoint(tmp_path, monkeypatch):
   seen = {}
   original = evaluate.evaluate
 
-  def spy(model, params, eval_cfg, mesh=None, tokenizer=None):
+  def spy(model, params, eval_cfg, mesh=None, tokenizer=None, **kwargs):
     seen['trigger'] = eval_cfg.trigger.kind
-    return original(model, params, eval_cfg, mesh=mesh, tokenizer=tokenizer)
+    seen['tokenizer'] = tokenizer
+    return original(model, params, eval_cfg, mesh=mesh, tokenizer=tokenizer, **kwargs)
 
   monkeypatch.setattr(evaluate, 'evaluate', spy)
   assert evaluate.run_job(str(tmp_path), config, follow=False) == [3]
   assert seen['trigger'] == 'blended'
+  assert seen['tokenizer'] is not None  # the run's (CLIP's BPE here: tested below)
   (record,) = evaluate.EvalLogger(tmp_path).records()
   assert record['step'] == 3 and record['num_examples'] == 16
   assert 0 <= record['zeroshot_top1'] <= 1 and 0 <= record['asr'] <= 1
