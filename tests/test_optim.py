@@ -99,6 +99,28 @@ def test_freeze_tower_rule_for_supervised():
     optim.effective_lr_rules(_config(**{'optimizer.lr_rules': (('(', 1.0),)}))
 
 
+def test_supervised_finetuning_leaves_the_text_tower_alone():
+  # The supervised loss never reaches the text tower, yet AdamW's weight decay shrank its kernels
+  # every step (by 1 - lr * wd): a supervised checkpoint's zero-shot class embeddings moved.
+  config = _config(**{'objective.name': 'supervised', 'optimizer.weight_decay': 0.1})
+  params = {'clip': {'text': {'kernel': jnp.ones((2, 2))}, 'visual': {'kernel': jnp.ones((2, 2))},
+                     'logit_scale': jnp.array(1.0)},
+            'head': {'kernel': jnp.ones((2, 3))}}
+  labels = optim.param_labels(params, optim.effective_lr_rules(config))
+  assert labels == {'clip': {'text': {'kernel': 'frozen'}, 'visual': {'kernel': 'trainable'},
+                             'logit_scale': 'frozen'}, 'head': {'kernel': 'trainable'}}
+  tx = optim.make_optimizer(config)
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.zeros_like, params)
+  grads['clip']['visual']['kernel'] = jnp.ones((2, 2))
+  for _ in range(12):  # past the 10 warmup steps
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  np.testing.assert_array_equal(params['clip']['text']['kernel'], np.ones((2, 2)))
+  assert float(params['clip']['logit_scale']) == 1.0
+  assert float(jnp.abs(params['clip']['visual']['kernel'] - 1).max()) > 0  # the rest trains
+
+
 def test_clipping_uses_global_norm():
   params = _toy_params()
   grads = jax.tree.map(lambda p: jnp.full_like(p, 100.0), params)
