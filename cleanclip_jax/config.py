@@ -266,6 +266,10 @@ def validate(config: ConfigDict, num_devices: int) -> None:
         f'mesh: data={data} x fsdp={fsdp} needs {fixed} devices but {num_devices} are available; '
         f'set --config.mesh.data / --config.mesh.fsdp so their product divides {num_devices} '
         '(-1 fills the rest).')
+  if data > 0 and fsdp > 0 and fixed != num_devices:
+    raise ConfigError(
+        f'mesh: data={data} x fsdp={fsdp} uses {fixed} of the {num_devices} devices; the mesh takes '
+        f'them all: set one axis to -1 (--config.mesh.data=-1) or make the product {num_devices}.')
   accum = max(1, config.optimizer.accum_steps)
   if config.batch_size % (num_devices * accum):
     raise ConfigError(
@@ -283,6 +287,14 @@ def validate(config: ConfigDict, num_devices: int) -> None:
   for key in ('log_every_steps', 'checkpoint_every_steps'):
     if int(config[key]) < 1:  # unlike eval.every_steps / keep_every_steps, 0 is not "off" here
       raise ConfigError(f'{key}={config[key]}: use a positive number of steps (--config.{key}=N)')
+  keep_every = int(config.get('keep_every_steps', 0))
+  if keep_every > 0 and keep_every % int(config.checkpoint_every_steps):
+    # Only saved steps can be kept: every keep_every_steps-th *saved* step would in fact be every
+    # lcm(keep_every_steps, checkpoint_every_steps)-th.
+    raise ConfigError(
+        f'keep_every_steps={keep_every} is not a multiple of checkpoint_every_steps='
+        f'{config.checkpoint_every_steps}, so fewer steps would be kept than it says; use a '
+        f'multiple (--config.keep_every_steps=N).')
   if config.optimizer.schedule not in ('cosine', 'constant'):
     raise ConfigError(f'optimizer.schedule={config.optimizer.schedule!r}: use cosine or constant')
   impl = config.objective.get('sharded_loss_impl', 'gather')
@@ -298,6 +310,14 @@ def validate(config: ConfigDict, num_devices: int) -> None:
     if not isinstance(rule[1], (int, float)) or rule[1] < 0:
       raise ConfigError(f'optimizer.lr_rules: multiplier {rule[1]!r} for {rule[0]!r} must be a number >= 0')
   from cleanclip_jax import models  # pylint: disable=import-outside-toplevel (jax, flax)
+  try:
+    model_size = models.get_config(config.model.name).vision.image_size
+  except ValueError as e:
+    raise ConfigError(f'model.name: {e}') from None
+  if int(config.data.image_size) != model_size:
+    # The ViT's position embeddings fix it; otherwise the first step fails, after set-up.
+    raise ConfigError(f'data.image_size={config.data.image_size} but model {config.model.name} takes '
+                      f'{model_size}px images; use --config.data.image_size={model_size}')
   if config.model.attention not in models.ATTENTION_IMPLS:
     raise ConfigError(f'model.attention={config.model.attention!r}: use one of {models.ATTENTION_IMPLS}')
   if config.model.attention == 'cudnn' and models.resolve_dtype(config.model.dtype).itemsize != 2:

@@ -72,6 +72,11 @@ def _bad(change):
     (lambda c: setattr(c.optimizer, 'schedule', 'cosin'), r"optimizer.schedule='cosin': use cosine"),
     (lambda c: setattr(c.objective, 'sharded_loss_impl', 'rings'), r"sharded_loss_impl='rings'"),
     (lambda c: setattr(c.optimizer, 'lr_rules', (('^visual/(', 0.1),)), r"lr_rules: bad regex '\^visual/\('"),
+    (lambda c: (setattr(c.mesh, 'data', 2), setattr(c.mesh, 'fsdp', 2)),
+     r'data=2 x fsdp=2 uses 4 of the 8 devices.*--config.mesh.data=-1'),
+    (lambda c: setattr(c.model, 'name', 'ViT-B-32'), r'data.image_size=32 but model ViT-B-32 takes 224px'),
+    (lambda c: setattr(c.model, 'name', 'ViT-X'), r"model.name: unknown model 'ViT-X'"),
+    (lambda c: setattr(c, 'keep_every_steps', 3), r'keep_every_steps=3 is not a multiple of checkpoint_every_steps'),
 ])
 def test_config_errors_fail_before_compiling(change, expected, tmp_path, monkeypatch):
   def no_jit(*args, **kwargs):
