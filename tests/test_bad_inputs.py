@@ -73,6 +73,8 @@ GOOD_FILES = {
     'anim.gif': _animated_gif(),
     'rotated.jpg': _rotated_jpeg(),
     'gray.png': _png(Image.new('L', (4, 4), 77)),
+    'gray_trns.png': _png(Image.new('L', (5, 5), 0), transparency=0),  # tRNS: 0 is transparent
+    'rgb_trns.png': _png(Image.new('RGB', (5, 5), (0, 0, 0)), transparency=(0, 0, 0)),
 }
 BAD_FILES = {  # name -> the skip reason it must produce
     'empty.jpg': (b'', 'empty_file'),
@@ -159,6 +161,50 @@ def test_odd_modes_decode_to_rgb(corpus):
   np.testing.assert_array_equal(_decode(corpus, 'anim.gif')[0, 0], [255, 0, 0])  # first frame
   assert _decode(corpus, 'rotated.jpg').shape == (8, 4, 3)  # EXIF orientation applied
   np.testing.assert_array_equal(_decode(corpus, 'gray.png')[0, 0], [77, 77, 77])
+  # A transparent colour (tRNS) is composited on white, as alpha bands and palette entries are.
+  np.testing.assert_array_equal(_decode(corpus, 'gray_trns.png')[0, 0], [255, 255, 255])
+  np.testing.assert_array_equal(_decode(corpus, 'rgb_trns.png')[0, 0], [255, 255, 255])
+
+
+def _multi_frame(format_name: str) -> bytes:
+  """4 frames: a red first one, then noise (so later frames take most of the file)."""
+  rng = np.random.default_rng(0)
+  frames = [Image.new('RGB', (16, 16), (255, 0, 0))] + [
+      Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)) for _ in range(3)]
+  buffer = io.BytesIO()
+  frames[0].save(buffer, format_name, save_all=True, append_images=frames[1:])
+  return buffer.getvalue()
+
+
+@pytest.mark.parametrize('format_name', ['TIFF', 'GIF'])
+def test_damaged_multi_frame_files_never_escape_and_keep_an_intact_first_frame(format_name):
+  # Cut anywhere past the first frame: asking for `n_frames` walked the damaged later frames and
+  # PIL's TypeError / struct.error escaped the decoder and ended the run (skip mode included).
+  data = _multi_frame(format_name)
+  first_frame_read = 0
+  for cut in range(len(data) // 3, len(data), 7):
+    try:
+      image = decode.decode_image({'image_bytes': data[:cut]})
+    except decode.BadImageError:
+      continue
+    first_frame_read += np.array_equal(image[0, 0], [255, 0, 0])
+  assert first_frame_read > 0
+
+
+@pytest.mark.parametrize('stage,error', [('open', KeyError('tag')), ('open', TypeError('dims')),
+                                         ('load', NotImplementedError('codec')),
+                                         ('load', RuntimeError('avif'))])
+def test_any_pil_plugin_error_is_one_corrupt_image(monkeypatch, stage, error):
+  from PIL import ImageFile
+  data = _png(Image.new('RGB', (4, 4)))
+
+  def fail(*args, **kwargs):
+    raise error
+  monkeypatch.setattr(Image, 'open', fail) if stage == 'open' else monkeypatch.setattr(
+      ImageFile.ImageFile, 'load', fail)
+  with pytest.raises(decode.BadImageError) as info:
+    decode.decode_image({'image_bytes': data, 'image_path': 'x.png'})
+  assert info.value.reason == 'corrupt' and type(error).__name__ in str(info.value)
 
 
 def _oriented(format_name: str, carrier: str) -> bytes:

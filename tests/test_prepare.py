@@ -91,6 +91,10 @@ def test_webdataset_tars(tmp_path, capsys):
     _add(tar, '000000003.jpg', b'not an image')
     _add(tar, '000000003.txt', b'text named jpg')
     _add(tar, '000000004.txt', b'caption without image')
+    _add(tar, '000000005.jpg', _image_bytes())  # JSON without a string caption: none, not "None"
+    _add(tar, '000000005.json', json.dumps({'caption': None}).encode())
+    _add(tar, '000000006.jpg', _image_bytes())
+    _add(tar, '000000006.json', json.dumps({'caption': 12345}).encode())
   good = io.BytesIO()
   with tarfile.open(fileobj=good, mode='w') as tar:
     _add(tar, 'sub/000000010.png', _image_bytes(fmt='PNG'))
@@ -105,7 +109,7 @@ def test_webdataset_tars(tmp_path, capsys):
   assert status == 0, err
   result = json.loads(out)
   assert result['written'] == 3
-  assert result['skipped'] == {'corrupt_tar': 1, 'missing_caption': 1, 'missing_image': 1,
+  assert result['skipped'] == {'corrupt_tar': 1, 'missing_caption': 3, 'missing_image': 1,
                                'not_an_image': 1}
   source = sources.ArrayRecordSource(str(tmp_path / 'out'))
   records = [source[i] for i in range(len(source))]

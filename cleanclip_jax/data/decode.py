@@ -117,28 +117,30 @@ def _decode_bytes(data: bytes, path: str, max_pixels: int, draft_size: int | Non
     raise BadImageError('not_an_image', path) from None
   except Image.DecompressionBombError as e:
     raise BadImageError('too_large', path, str(e)) from None
-  except (OSError, SyntaxError, ValueError, EOFError) as e:
+  except Exception as e:  # pylint: disable=broad-except
+    # Damaged files raise more than OSError from PIL's plugins (TypeError, KeyError,
+    # struct.error, NotImplementedError, ...); each is one bad image, never the run's end.
     raise BadImageError(_truncated_or_corrupt(e), path, f'{type(e).__name__}: {e}') from None
   width, height = image.size
   if width <= 0 or height <= 0:
     raise BadImageError('corrupt', path, f'header says {width}x{height}')
   if width * height > max_pixels:
     raise BadImageError('too_large', path, f'{width}x{height} > MAX_PIXELS={max_pixels:,}')
+  # An opened image is at its first frame: a GIF's or a multi-page TIFF's first frame is what is
+  # read, and damage in later frames does not cost it (asking for `n_frames` would walk them all).
   try:
-    if getattr(image, 'n_frames', 1) > 1:
-      image.seek(0)
     if draft_size and image.format == 'JPEG':
       image.draft(image.mode, (draft_size, draft_size))
     image.load()
   except OSError as e:
     raise BadImageError(_truncated_or_corrupt(e), path, str(e)) from None
-  except (SyntaxError, ValueError, EOFError, IndexError, Image.DecompressionBombError) as e:
+  except Exception as e:  # pylint: disable=broad-except (as at open: any plugin error is one image)
     raise BadImageError('corrupt', path, f'{type(e).__name__}: {e}') from None
   image = _apply_orientation(image)
   try:
     return _to_rgb(image)
-  except (OSError, ValueError) as e:
-    raise BadImageError('corrupt', path, f'mode {image.mode}: {e}') from None
+  except Exception as e:  # pylint: disable=broad-except
+    raise BadImageError('corrupt', path, f'mode {image.mode}: {type(e).__name__}: {e}') from None
 
 
 def _truncated_or_corrupt(error: Exception) -> str:
@@ -169,12 +171,13 @@ def _apply_orientation(image: Image.Image) -> Image.Image:
 
 def _to_rgb(image: Image.Image) -> Image.Image:
   mode = image.mode
+  if mode in ('P', 'L', 'RGB') and 'transparency' in image.info:
+    # A transparent colour (PNG tRNS, GIF) rather than an alpha band: composited on white too.
+    image, mode = image.convert('RGBA'), 'RGBA'
   if mode == 'RGB':
     return image
   if mode.startswith('I;16') or mode in ('I', 'F'):
     return Image.fromarray(_high_depth_to_rgb(image))
-  if mode == 'P' and 'transparency' in image.info:
-    image, mode = image.convert('RGBA'), 'RGBA'
   if mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La'):
     image = image.convert('RGBA')
     background = Image.new('RGBA', image.size, (255, 255, 255, 255))

@@ -113,9 +113,11 @@ def _tar_example(shard: str, key: str, group: dict[str, bytes | None]) -> dict[s
   caption = group.get('txt')
   if caption is None and group.get('json'):
     try:
-      caption = str(json.loads(group['json']).get('caption', '')).encode('utf-8')
+      value = json.loads(group['json']).get('caption')
     except (ValueError, AttributeError):
-      caption = None
+      value = None
+    # Only a string is a caption: `null` or a number would be stored as the text "None" / "12345".
+    caption = value.encode('utf-8') if isinstance(value, str) else None
   if caption is None:
     return dict(item, problem='missing_caption')
   try:
