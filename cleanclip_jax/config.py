@@ -278,6 +278,13 @@ def validate(config: ConfigDict, num_devices: int) -> None:
         '(--config.batch_size=N).')
   if config.objective.name not in ('clip', 'cleanclip', 'siglip', 'supervised'):
     raise ConfigError(f'objective.name={config.objective.name!r}: use clip, cleanclip, siglip or supervised')
+  poison = config.data.poison
+  if config.objective.name == 'supervised' and poison.enabled and not poison.label_consistent:
+    # The supervised loss reads labels, which dirty-label poisoning leaves as they are (it swaps
+    # captions): the trigger would be stamped on correctly labelled images and plant nothing.
+    raise ConfigError('data.poison with objective.name=supervised: poisoning swaps captions, which '
+                      'the supervised loss does not read; poison a CLIP pretraining, or use '
+                      '--config.data.poison.label_consistent=True')
   if config.data.source in ('csv', 'array_record') and not config.data.path:
     raise ConfigError(f'data.source={config.data.source!r} needs --config.data.path=PATH')
   if int(config.data.token_bucket) < 0:

@@ -365,6 +365,22 @@ def test_pipeline_skips_bad_inputs_and_keeps_good_ones(corpus, caplog):
   assert long and long[0]['tokens'][0, -1] == 49407  # truncated by the tokenizer, EOT kept
 
 
+def test_poisoned_pairs_lost_to_bad_images_are_counted_apart(corpus):
+  # Poison every row: each unusable one is then a poisoned pair the run never trained on, which
+  # the counts must show (they were ordinary skips, the attack's strength overstated).
+  config = _config(corpus)
+  config.data.poison.update(enabled=True, fraction=1.0)
+  batches = _one_epoch(config)
+  counts = pipeline.skip_counts()
+  source = pipeline.train_source(config.data)  # rows dropped at parse are not in it
+  assert counts[pipeline.POISONED_SKIPPED] == len(source) - len(batches) == 5
+  assert all(b['is_poisoned'].all() for b in batches)
+  config.data.poison.update(fraction=0.0, num_poisoned=0, enabled=False)
+  pipeline.reset_skip_counts()
+  _one_epoch(config)
+  assert pipeline.POISONED_SKIPPED not in pipeline.skip_counts()
+
+
 def test_pipeline_confine_paths_counts_outside_rows(corpus):
   batches = _one_epoch(_config(corpus, confine_paths=True))
   assert pipeline.skip_counts()['path_outside_root'] == 2

@@ -77,6 +77,8 @@ def _bad(change):
     (lambda c: setattr(c.model, 'name', 'ViT-B-32'), r'data.image_size=32 but model ViT-B-32 takes 224px'),
     (lambda c: setattr(c.model, 'name', 'ViT-X'), r"model.name: unknown model 'ViT-X'"),
     (lambda c: setattr(c, 'keep_every_steps', 3), r'keep_every_steps=3 is not a multiple of checkpoint_every_steps'),
+    (lambda c: (setattr(c.objective, 'name', 'supervised'), setattr(c.data.poison, 'enabled', True)),
+     r'data.poison with objective.name=supervised: .*label_consistent=True'),
 ])
 def test_config_errors_fail_before_compiling(change, expected, tmp_path, monkeypatch):
   def no_jit(*args, **kwargs):

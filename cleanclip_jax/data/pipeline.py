@@ -76,8 +76,10 @@ _logged_records = 0  # skip records seen by `_record_skip` (CSV rows are logged 
 def skip_counts() -> dict[str, int]:
   """{'reason': count} of inputs skipped in this process so far (CSV rows, train and eval images).
 
-  Reasons: `decode.REASONS`, `sources.ROW_REASONS`, `corrupt_record` (ArrayRecord). Counts are per
-  process and start from zero in a resumed run.
+  Reasons: `decode.REASONS`, `sources.ROW_REASONS`, `corrupt_record` (ArrayRecord), and
+  `poisoned_skipped`: how many of those skipped training examples were poisoned ones (not a
+  reason of its own: each is also counted under its reason). Counts are per process and start
+  from zero in a resumed run.
   """
   with _skip_lock:
     return dict(_skip_counts)
@@ -113,6 +115,9 @@ def _record_skip(record: dict[str, Any]) -> None:
     log.warning('skipped %d input images so far; all skips: %s', total, summary)
 
 
+# Skip counts' extra key: how many of the skipped examples were poisoned (already counted by reason).
+POISONED_SKIPPED = 'poisoned_skipped'
+
 # Keys of the training iterator's checkpointed state (`_SkipCountingIterator.get_state`).
 _STREAM_STATE, _STREAM_SKIPS = 'cleanclip_stream', 'cleanclip_skipped'
 
@@ -140,6 +145,10 @@ class _SkipCountingIterator(grain.DatasetIterator):
         return element
       _record_skip(element)
       self.skipped[element['skip_reason']] += 1
+      if element.get('poisoned'):
+        # Also counted apart: a poisoned pair lost to a bad image weakens the attack a run reports.
+        self.skipped[POISONED_SKIPPED] += 1
+        _count_skips({POISONED_SKIPPED: 1})
       consecutive += 1
       if consecutive >= _MAX_CONSECUTIVE_SKIPS:
         raise BadInputError(
@@ -381,14 +390,14 @@ class TrainExample:
 
   def __call__(self, step: int) -> dict[str, Any]:
     epoch, index = self.plan(step)
+    is_poisoned = index in self.poisoned
     record, image, pil_image = _load_image(self.source, index, self.image_size, self.on_bad_image)
     if image is None:
-      return record
+      return dict(record, poisoned=is_poisoned)
     caption = record['caption']
     problem = sources.caption_problem(caption)
     if problem:
-      return _skip_record(problem, record)
-    is_poisoned = index in self.poisoned
+      return dict(_skip_record(problem, record), poisoned=is_poisoned)
     if is_poisoned:
       image, caption = self._poison(image, caption, index)
       pil_image = None
