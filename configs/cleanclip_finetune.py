@@ -51,6 +51,7 @@ def get_config(arg=None):
     config.checkpoint_every_steps = 1_000
     config.data.num_workers = 8
     config_lib.use_imagenet_eval(config)
+    config_lib.use_authors_adamw(config)
   elif arg.preset == 'tiny':
     config_lib.use_tiny_synthetic(config, 'finetune', num_examples=2048)
     config.total_steps = 300

@@ -46,6 +46,7 @@ def get_config(arg=None):
     config.data.num_workers = 8
     config.data.poison.num_poisoned = 1_500
     config_lib.use_imagenet_eval(config)
+    config_lib.use_authors_adamw(config)
   elif arg.preset == 'tiny':
     config_lib.use_tiny_synthetic(config, 'pretrain', num_examples=4096)
     config.total_steps = 600

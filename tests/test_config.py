@@ -41,6 +41,9 @@ def test_paper_hyperparameters():
   assert (finetune.learning_rate, finetune.batch_size, finetune.total_epochs, finetune.warmup_steps) == (
       1e-5, 64, 10, 50)
   assert config_lib.load_config('supervised_finetune.py:tiny').objective.name == 'supervised'
+  # The authors' AdamW (torch's betas and eps, no gradient clipping), not open_clip's.
+  for config in (pretrain, finetune):
+    assert (config.optimizer.b2, config.optimizer.eps, config.optimizer.grad_clip_norm) == (0.999, 1e-8, 0.0)
 
 
 def test_unknown_preset_and_argument():
