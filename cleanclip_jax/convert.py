@@ -94,8 +94,11 @@ _VISION_HEAD_WIDTHS = {1280: 80, 1408: 88, 1664: 104}
 
 
 def _mlp_ratio(hidden: int, width: int) -> float:
-  # The model builds int(width * ratio) hidden units; hidden / width can land just below an
-  # integer in floating point (6144 / 1408 * 1408 = 6143.99...), so aim at the middle.
+  # The model builds int(width * ratio) hidden units. A whole ratio is exact (and equals the
+  # registry's, so `config_name` finds the model); otherwise hidden / width can land just below
+  # an integer in floating point (6144 / 1408 * 1408 = 6143.99...), so aim at the middle.
+  if hidden % width == 0:
+    return float(hidden // width)
   return (hidden + 0.5) / width
 
 

@@ -132,3 +132,22 @@ def test_inferred_wide_vits_get_their_head_width_and_exact_mlp_width():
   assert config.vision.heads == 16 and config.text.heads == 16
   assert int(config.vision.width * config.vision.mlp_ratio) == 6144
   assert int(config.text.width * config.text.mlp_ratio) == 4096
+  assert config.text.mlp_ratio == 4.0  # a whole ratio stays whole
+
+
+def test_inferred_config_is_found_by_name():
+  # Shapes of a registry model's state dict (ViT-B-32): the inferred config must equal the
+  # registry's (a ratio of 4.0009765625 for 2048 / 512 hidden units made config_name miss it).
+  cfg = models.get_config('ViT-B-32-quickgelu')
+  v, t = cfg.vision, cfg.text
+  shapes = {'ln_final.weight': (t.width,), 'positional_embedding': (t.context_length, t.width),
+            'token_embedding.weight': (t.vocab_size, t.width),
+            'transformer.resblocks.0.mlp.c_fc.weight': (int(t.width * t.mlp_ratio), t.width),
+            'text_projection': (t.width, cfg.embed_dim), 'visual.proj': (v.width, cfg.embed_dim),
+            'visual.conv1.weight': (v.width, 3, v.patch_size, v.patch_size),
+            'visual.positional_embedding': ((v.image_size // v.patch_size) ** 2 + 1, v.width),
+            'visual.transformer.resblocks.0.mlp.c_fc.weight': (int(v.width * v.mlp_ratio), v.width)}
+  for prefix, layers in (('transformer', t.layers), ('visual.transformer', v.layers)):
+    shapes.update({f'{prefix}.resblocks.{i}.ln_1.weight': (1,) for i in range(layers)})
+  state = {key: np.broadcast_to(np.float32(0), shape) for key, shape in shapes.items()}
+  assert convert.config_name(convert.infer_config(state)) == 'ViT-B-32-quickgelu'
