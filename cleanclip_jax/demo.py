@@ -53,22 +53,35 @@ def stage_configs(attack: str, target: str, seed: int, fast: bool, clean_baselin
 
 
 def _check_workdir(root: pathlib.Path, settings: dict) -> None:
-  """Refuses to resume a workdir that holds a study with other settings (it would mix them)."""
+  """Refuses to resume a workdir that holds a study with other settings (it would mix them).
+
+  `settings['stages']` maps each stage to a fingerprint of its config: a stage whose config has
+  changed is refused by name; a stage the study did not have (`--with-clean-baseline` added
+  later) is welcome, and is recorded for the next run.
+  """
   path = root / 'demo_settings.json'
   if path.exists():
     previous = json.loads(path.read_text())
-    if previous != settings:
-      changed = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
+    changed = {k: (previous.get(k), v) for k, v in settings.items()
+               if k != 'stages' and previous.get(k) != v}
+    if 'stages' not in previous:  # a study recorded before per-stage fingerprints
+      changed.update({'configs': (previous.get('configs'), 'per-stage fingerprints')}
+                     if previous.get('configs') else {})
+    old_stages = previous.get('stages', {})
+    changed.update({f'stage {name}': ('config', 'another config')
+                    for name, print_ in settings['stages'].items()
+                    if name in old_stages and old_stages[name] != print_})
+    if changed:
       raise SystemExit(f'{root} holds a study with other settings ({changed}, as (old, new)); '
                        'use another --workdir or the same settings to resume it')
-  else:
-    path.write_text(json.dumps(settings, indent=1))
+    settings = dict(settings, stages={**old_stages, **settings['stages']})
+  path.write_text(json.dumps(settings, indent=1))
 
 
-def _fingerprint(stages) -> str:
+def _fingerprints(stages) -> dict[str, str]:
   import hashlib  # pylint: disable=import-outside-toplevel
-  text = ''.join(name + config.to_json(sort_keys=True) for name, _, config in stages)
-  return hashlib.sha256(text.encode()).hexdigest()[:16]
+  return {name: hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:16]
+          for name, _, config in stages}
 
 
 def _stage_finished(workdir: pathlib.Path) -> bool:
@@ -108,7 +121,7 @@ def run(workdir: str, attack: str = 'blended', target: str = 'banana', seed: int
   # The stage configs themselves, not just the arguments: finished stages and their cached
   # evaluations must not be reused after configs/demo.py (steps, rates, weights) has changed.
   _check_workdir(root, {'attack': attack, 'target': target, 'seed': seed, 'fast': fast,
-                        'configs': _fingerprint(stages)})
+                        'stages': _fingerprints(stages)})
   rows, started, retrained = [], time.time(), set()
   for number, (name, label, config) in enumerate(stages, 1):
     stage_dir = root / name

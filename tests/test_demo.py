@@ -84,8 +84,23 @@ def test_fast_study_reports_every_stage_and_resumes(tmp_path, capsys, monkeypatc
     stages[2][2].learning_rate *= 2  # as if configs/demo.py had changed since
     return stages
   monkeypatch.setattr(demo, 'stage_configs', edited)
-  with pytest.raises(SystemExit, match=r"other settings \({'configs'"):
+  with pytest.raises(SystemExit, match=r"other settings \({'stage finetune_cleanclip'"):
     demo.run(str(workdir), attack='badnet', target='apple', seed=3, fast=True)
+
+
+def test_workdir_check_names_a_changed_stage_and_welcomes_an_added_one(tmp_path):
+  base = {'attack': 'blended', 'target': 'banana', 'seed': 0, 'fast': False}
+  demo._check_workdir(tmp_path, dict(base, stages={'pretrain': 'a', 'finetune_cleanclip': 'b'}))
+  # --with-clean-baseline later: the new stage is added, nothing else changes.
+  demo._check_workdir(tmp_path, dict(base, stages={'pretrain': 'a', 'pretrain_clean': 'c',
+                                                   'finetune_cleanclip': 'b'}))
+  recorded = json.loads((tmp_path / 'demo_settings.json').read_text())
+  assert recorded['stages'] == {'pretrain': 'a', 'pretrain_clean': 'c', 'finetune_cleanclip': 'b'}
+  demo._check_workdir(tmp_path, dict(base, stages={'pretrain': 'a', 'finetune_cleanclip': 'b'}))
+  with pytest.raises(SystemExit, match=r"'stage finetune_cleanclip': \('config', 'another config'\)"):
+    demo._check_workdir(tmp_path, dict(base, stages={'pretrain': 'a', 'finetune_cleanclip': 'x'}))
+  with pytest.raises(SystemExit, match=r"'seed': \(0, 1\)"):
+    demo._check_workdir(tmp_path, dict(base, seed=1, stages={'pretrain': 'a'}))
 
 
 def test_list_classes_and_bad_target(capsys, tmp_path):
