@@ -376,9 +376,11 @@ def _head_for_classes(classifier: str, head, classnames: Sequence[str],
   if outputs != len(classnames):
     problem = f'the linear head has {outputs} outputs, the evaluation {len(classnames)} classes'
   elif head_classnames is not None and list(head_classnames) != list(classnames):
-    differ = next(i for i, (a, b) in enumerate(zip(head_classnames, classnames)) if a != b)
-    problem = (f'the linear head was trained on another class list (its class {differ} is '
-               f'{head_classnames[differ]!r}, the evaluation\'s {classnames[differ]!r})')
+    differ = next((i for i, (a, b) in enumerate(zip(head_classnames, classnames)) if a != b), None)
+    problem = ('the linear head was trained on another class list (' + (
+        f'{len(head_classnames)} names' if differ is None else
+        f'its class {differ} is {head_classnames[differ]!r}, the evaluation\'s {classnames[differ]!r}')
+        + ')')
   if problem is None:
     return head
   if classifier == 'head':
@@ -599,7 +601,12 @@ def _head_classnames(run_config) -> list[str] | None:
   if run_config is None or run_config.objective.name != 'supervised':
     return None
   spec = run_config.data.get('classnames', '') or run_config.eval.classnames
-  return zeroshot.load_classnames(spec)
+  try:
+    return zeroshot.load_classnames(spec)
+  except OSError as e:  # a class-list file since moved: the head is checked by its width only
+    log.warning('eval: cannot read the run\'s class list %r (%s); checking the linear head by its '
+                'number of outputs only', spec, e)
+    return None
 
 
 def training_finished(workdir: str | pathlib.Path) -> bool:
