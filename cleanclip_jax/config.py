@@ -180,6 +180,9 @@ def base_config() -> ConfigDict:
       'pooled_last_block': True,
       'context_length': 77,
       'tokenizer': '',  # path to a bpe merges .txt.gz; '' = the copy shipped with the package
+      # Token-embedding rows; 0 = the architecture's (49,408, CLIP's BPE). A BPE of your own
+      # (`tokenizer.train_bpe`) wants its own size: `Tokenizer(PATH).vocab_size`.
+      'vocab_size': 0,
   })
 
   config.objective = ConfigDict({
@@ -330,6 +333,16 @@ def validate(config: ConfigDict, num_devices: int) -> None:
     model_size = models.get_config(config.model.name).vision.image_size
   except ValueError as e:
     raise ConfigError(f'model.name: {e}') from None
+  if config.model.get('tokenizer', ''):
+    from cleanclip_jax import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
+    try:
+      needed = tokenizer_lib.get_tokenizer(config.model.tokenizer).vocab_size
+    except (OSError, ValueError) as e:
+      raise ConfigError(f'model.tokenizer={config.model.tokenizer!r}: {e}') from None
+    rows = int(config.model.get('vocab_size', 0)) or models.get_config(config.model.name).text.vocab_size
+    if needed > rows:  # ids past the embedding would give NaN text features
+      raise ConfigError(f'model.tokenizer has {needed} tokens but the model {rows} token rows; set '
+                        f'--config.model.vocab_size={needed}')
   if int(config.data.image_size) != model_size:
     # The ViT's position embeddings fix it; otherwise the first step fails, after set-up.
     raise ConfigError(f'data.image_size={config.data.image_size} but model {config.model.name} takes '

@@ -411,7 +411,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
         # A finite loss with non-finite gradients (e.g. the backward pass of a zero-length
         # feature) poisons the parameters just as surely as a NaN loss.
         finite = math.isfinite(loss) and math.isfinite(metrics.get('grad_norm', 0.0))
-        if (step % config.log_every_steps == 0 or step == total or first or not finite):
+        # A step that compiled is logged too, so its compile_seconds reach metrics.jsonl.
+        if (step % config.log_every_steps == 0 or step == total or first or new_shape
+            or not finite):
           values = dict(metrics, **throughput.window(), nan_skips=nan_skips)
           if new_shape:
             values['compile_seconds'] = step_seconds

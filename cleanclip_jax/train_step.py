@@ -56,11 +56,12 @@ class TrainState:
 
 def model_for_config(config: ml_collections.ConfigDict) -> nn.Module:
   """The CLIP model of `config.model`, wrapped in an `ImageClassifier` for the supervised objective."""
+  # .get: configs stored by runs before the keys existed
+  vocab = {'vocab_size': int(config.model.vocab_size)} if config.model.get('vocab_size', 0) else {}
   clip = models.create_model(config.model.name, dtype=config.model.dtype, remat=config.model.remat,
                              context_length=config.model.context_length,
                              attention=config.model.attention,
-                             # .get: configs stored by runs before the key existed
-                             pooled_last_block=config.model.get('pooled_last_block', True))
+                             pooled_last_block=config.model.get('pooled_last_block', True), **vocab)
   if config.objective.name != 'supervised':
     return clip
   if config.objective.num_classes <= 0:

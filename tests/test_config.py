@@ -123,3 +123,22 @@ def test_cli_wrong_type_and_bad_batch_fail_fast():
   assert result.returncode == 2, result.stderr[-2000:]
   assert 'Config error: batch_size=12 is not divisible' in result.stderr
   assert 'Starting at step' not in result.stderr
+
+
+def test_model_vocab_size_follows_a_trained_bpe(tmp_path):
+  from cleanclip_jax import tokenizer, train_step
+  captions = [f'a photo of a {name} on the {place}' for name in ('cat', 'banana', 'horse')
+              for place in ('grass', 'table')] * 5
+  path = tokenizer.train_bpe(captions, str(tmp_path), vocab_size=600, min_frequency=2)
+  needed = tokenizer.Tokenizer(path).vocab_size
+  config = config_lib.load_config('clip_pretrain.py:tiny')
+  config.model.tokenizer = path
+  config.model.vocab_size = needed
+  config_lib.validate(config, 8)
+  assert train_step.model_for_config(config).vocab_size == needed  # the embedding has its rows
+  config.model.vocab_size = needed - 1  # ids past the embedding: NaN text features
+  with pytest.raises(config_lib.ConfigError, match=f'--config.model.vocab_size={needed}'):
+    config_lib.validate(config, 8)
+  config.model.vocab_size = 0  # the architecture's 49,408 rows hold it (unused rows, no error)
+  config_lib.validate(config, 8)
+  assert train_step.model_for_config(config).vocab_size == 49408

@@ -215,6 +215,13 @@ def test_token_bucket_cuts_batches_without_changing_the_run(tmp_path):
   for i, record in enumerate(cut):
     new = lengths[i] not in lengths[:i]
     assert ('compile_seconds' in record) == new != ('images_per_second' in record), record
+  # Logging every 4th step, a step that compiled is still logged, with its compile time.
+  train.run(tiny_config(**changes, **{'data.token_bucket': 2, 'log_every_steps': 4}),
+            tmp_path / 'sparse')
+  sparse = metrics_log.read_jsonl(tmp_path / 'sparse' / 'metrics.jsonl')
+  compiled = [i + 1 for i, length in enumerate(lengths) if length not in lengths[:i]]
+  assert [r['step'] for r in sparse if 'compile_seconds' in r] == compiled
+  assert {r['step'] for r in sparse} == set(compiled) | {4}
 
 
 def test_packed_captions_train_like_one_caption_a_row(tmp_path):
