@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cleanclip_jax import cpu_dots, eval_metrics, host_memory, metrics_log, text_length, zeroshot
+from cleanclip_jax import (cpu_dots, distributed, eval_metrics, host_memory, metrics_log,
+                           text_length, zeroshot)
 from cleanclip_jax.data.normalize import normalize
 
 log = logging.getLogger(__name__)
@@ -587,9 +588,21 @@ def tokenizer_for_run(run_config):
 def evaluate_checkpoint(workdir: str, step: int, config, mesh=None) -> dict[str, float]:
   """Restores step `step` of `workdir`, rebuilds its model from the stored config, evaluates it."""
   from cleanclip_jax import checkpoint, train_step
-  run_config = checkpoint.load_config(workdir, step)
-  model = train_step.model_for_config(run_config)
-  params = checkpoint.restore_params(workdir, step)
+  failure = None
+  try:
+    run_config = checkpoint.load_config(workdir, step)
+    model = train_step.model_for_config(run_config)
+    params = checkpoint.restore_params(workdir, step)
+  except Exception as e:  # pylint: disable=broad-except
+    failure = e
+  # Every process reads the step itself; the trainer's retention can delete it between two
+  # processes' reads. Agree before `evaluate`, whose collectives would wait forever for a process
+  # that gave up on the step.
+  if not _all_processes_ok(failure is None):
+    if failure is not None:
+      raise failure
+    raise checkpoint.NoCheckpointError(f'step {step} of {workdir}: another process could not read '
+                                       'it (deleted or damaged meanwhile)')
   return evaluate(model, params, eval_config_for_run(config.eval, run_config), mesh=mesh,
                   tokenizer=tokenizer_for_run(run_config),
                   head_classnames=_head_classnames(run_config))
@@ -669,11 +682,12 @@ def run_job(workdir: str, config, *, follow: bool = False, step: int | None = No
           # then fails in one of several ways (NoCheckpointError, FileNotFoundError, ...): a step
           # whose directory is gone was deleted; one still there that fails its integrity check is
           # damaged; anything else is a real error.
-          if not (checkpoint.checkpoint_root(workdir) / str(step)).exists():
+          # Process 0's view decides, so every process skips (or stops) alike.
+          if _agree(not (checkpoint.checkpoint_root(workdir) / str(step)).exists()):
             log.warning('step %d was deleted (the trainer\'s keep_checkpoints) before it could be '
                         'evaluated (%s: %s); skipping it. Set --config.keep_checkpoints higher to '
                         'evaluate every step.', step, type(e).__name__, e)
-          elif isinstance(e, checkpoint.NoCheckpointError):
+          elif _agree(isinstance(e, checkpoint.NoCheckpointError)):
             log.error('step %d is damaged and is NOT evaluated: %s', step, e)
           else:
             raise
@@ -689,6 +703,14 @@ def run_job(workdir: str, config, *, follow: bool = False, step: int | None = No
       time.sleep(poll_seconds)
   finally:
     logger.close()
+
+
+def _all_processes_ok(ok: bool) -> bool:
+  """True when `ok` holds on every process (a collective: all processes must call it)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
 
 
 def _agree(value):
@@ -738,6 +760,7 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
     host_memory.keep_freed_memory()  # unless CLEANCLIP_KEEP_FREED_MEMORY=0; before JAX makes its CPU client
     cpu_dots.route_dots_to_onednn()  # unless CLEANCLIP_ONEDNN_DOTS=0; likewise before the CPU client
+    distributed.initialize()  # one job over the hosts' devices, as the trainer (no-op alone)
     FLAGS = flags.FLAGS
     run_job(FLAGS.workdir, FLAGS.config, follow=FLAGS.follow, step=FLAGS.step,
             timeout=FLAGS.timeout, poll_seconds=FLAGS.poll_seconds, force=FLAGS.force)

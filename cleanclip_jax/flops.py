@@ -138,9 +138,10 @@ def train_flops_per_example(config: ModelConfig, objective: str = 'clip', global
 
 def measure_matmul_peak(size: int = 2048, repeats: int = 10, dtype=jnp.float32,
                         device: jax.Device | None = None) -> float:
-  """FLOP/s of a jitted size x size matmul on `device` (default: the first device), median of
-  `repeats` timed runs after a warm-up."""
-  device = device or jax.devices()[0]
+  """FLOP/s of a jitted size x size matmul on `device` (default: this process's first device:
+  on another process's device nothing would run here, and the time would be the dispatch's),
+  median of `repeats` timed runs after a warm-up."""
+  device = device or jax.local_devices()[0]
   rng = np.random.default_rng(0)
   a = jax.device_put(jnp.asarray(rng.standard_normal((size, size)), dtype), device)
   b = jax.device_put(jnp.asarray(rng.standard_normal((size, size)), dtype), device)

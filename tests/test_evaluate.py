@@ -503,3 +503,28 @@ def test_two_loggers_in_one_second_keep_both_event_files(tmp_path):
   points = sorted((e.step, round(v.simple_value, 2))
                   for e in _tensorboard_events(tmp_path / 'eval' / 'tb') for v in e.summary.value)
   assert points == [(10, 0.1), (20, 0.2)]
+
+
+def test_a_step_another_process_could_not_read_is_not_evaluated(tmp_path, monkeypatch):
+  # With several processes, one may read the step after the trainer's retention deleted it: all
+  # agree before evaluate(), whose collectives would otherwise wait for it forever.
+  from cleanclip_jax import train_step
+  monkeypatch.setattr(checkpoint, 'load_config', lambda workdir, step: config_lib.base_config())
+  monkeypatch.setattr(train_step, 'model_for_config', lambda config: 'model')
+  monkeypatch.setattr(checkpoint, 'restore_params', lambda workdir, step: {'w': 1})
+  called = []
+  monkeypatch.setattr(evaluate, 'evaluate', lambda *args, **kwargs: called.append(1) or {})
+  config = config_lib.load_config('eval.py:tiny')
+  monkeypatch.setattr(evaluate, '_all_processes_ok', lambda ok: False)  # another process failed
+  with pytest.raises(checkpoint.NoCheckpointError, match='another process could not read it'):
+    evaluate.evaluate_checkpoint(str(tmp_path), 3, config)
+  def gone(workdir, step):
+    raise FileNotFoundError('step 3 vanished')
+  monkeypatch.setattr(checkpoint, 'restore_params', gone)  # this process failed: its own error
+  with pytest.raises(FileNotFoundError, match='vanished'):
+    evaluate.evaluate_checkpoint(str(tmp_path), 3, config)
+  assert not called
+  monkeypatch.setattr(checkpoint, 'restore_params', lambda workdir, step: {'w': 1})
+  monkeypatch.setattr(evaluate, '_all_processes_ok', lambda ok: ok)
+  evaluate.evaluate_checkpoint(str(tmp_path), 3, config)
+  assert called == [1]

@@ -247,6 +247,27 @@ def test_workers_give_identical_batches_and_report_skips(tmp_path):
   _assert_batches_equal(batches[0], batches[2])
 
 
+@pytest.mark.slow
+def test_a_sigterm_to_the_workers_does_not_end_the_stream():
+  # SLURM's --signal and a process-group kill reach grain's workers too; one that died of it ended
+  # the trainer's stream (RuntimeError) before the trainer could save at its agreed step.
+  import multiprocessing
+  import signal
+  import time
+  config = _config(num_examples=64, batch_size=4)
+  config.data.num_workers = 2
+  iterator = _iterator(config)
+  _take(iterator, 2)
+  workers = multiprocessing.active_children()
+  assert workers
+  for worker in workers:
+    os.kill(worker.pid, signal.SIGTERM)
+  time.sleep(1.0)
+  assert all(worker.is_alive() for worker in workers)
+  assert len(_take(iterator, 20)) == 20  # past everything buffered before the signal
+  iterator.close()
+
+
 def test_eval_batches_are_padded_and_sharded():
   eval_cfg = config_lib.base_config().eval
   eval_cfg.update(num_examples=10, image_size=SIZE)

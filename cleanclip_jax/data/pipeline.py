@@ -37,6 +37,7 @@ import functools
 import logging
 import math
 import os
+import signal
 import sys
 import threading
 from typing import Any, Callable, Iterator
@@ -436,6 +437,20 @@ def _process_index_and_count(process_index: int | None, process_count: int | Non
   return process_index, process_count
 
 
+def _leave_sigterm_to_the_trainer(worker_index: int, worker_count: int) -> None:
+  """Grain worker start-up: SIGTERM is ignored in the workers.
+
+  A preemption notice reaches every process of the job (SLURM's `--signal`, a `kill` of the
+  process group): a worker it killed ended the trainer's stream ("Worker process was terminated
+  unexpectedly") before the trainer could save at the step its processes agree on, so the job
+  exited 1 instead of 143 and was not requeued. The trainer stops its workers itself (grain's
+  close: an event, then SIGKILL), also at interpreter exit, before multiprocessing's own
+  SIGTERM of daemonic children.
+  """
+  del worker_index, worker_count
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _ensure_absl_flags_parsed() -> None:
   # grain's multiprocessing reads absl flags; outside absl.app.run they are unparsed and reading
   # them raises. Parsing just the program name keeps any flags a caller defined at their defaults.
@@ -470,7 +485,8 @@ def make_train_iterator(config: ml_collections.ConfigDict, tokenizer: Tokenizer 
     _ensure_absl_flags_parsed()
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(2, buffer // workers)))
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=workers, per_worker_buffer_size=max(2, buffer // workers)))
+        num_workers=workers, per_worker_buffer_size=max(2, buffer // workers)),
+        worker_init_fn=_leave_sigterm_to_the_trainer)
   else:
     # Threads overlap file reads and PIL decoding (which release the GIL) with the training step.
     threads = min(8, os.cpu_count() or 1)
