@@ -8,8 +8,11 @@
 # Every worker runs the same command; jax.distributed.initialize() detects the pod on its own
 # (cleanclip_jax/distributed.py), each host reads its own share of the data, and process 0 logs.
 # The workdir must be on storage every host sees, since checkpoints are written by all hosts
-# together: mount the bucket on every worker (e.g. `gcsfuse BUCKET /gcs/BUCKET`) and give mounted
-# paths; the trainer reads and writes local paths only and refuses gs:// URLs with that advice.
+# together: mount the bucket on every worker (e.g. `gcsfuse --rename-dir-limit=1000000 BUCKET
+# /gcs/BUCKET`) and give mounted paths; the trainer reads and writes local paths only and refuses
+# gs:// URLs with that advice. orbax commits a checkpoint by renaming its folder, which gcsfuse
+# refuses on a flat bucket unless --rename-dir-limit allows it (a bucket with hierarchical
+# namespace renames folders natively).
 # The workers' .venv needs JAX's TPU build on top of the set-up (`pip install 'jax[tpu]==0.10.2'`);
 # JAX_PLATFORMS=tpu makes a missing one an error rather than a silent CPU run. REPO_DIR (default ~/cleanclip_jax) is where the code lives on the
 # workers; sync it first, e.g. with `gcloud compute tpus tpu-vm scp --worker=all`.

@@ -1,8 +1,10 @@
 # Sourced by the README's commands: create or reuse .venv in the repo root and install the project into it.
 # A stamp of the requirement files' hash makes a second run skip pip entirely.
 set -euo pipefail
+# Works from the repo root and leaves the caller in its own directory (a relative --workdir stays
+# the caller's).
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
+pushd "$ROOT" >/dev/null
 PY="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
@@ -14,8 +16,11 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
-want="$(cat requirements.txt requirements-test.txt pyproject.toml | sha256sum | cut -d' ' -f1)-${1:-core}"
-if [ "$(cat .venv/.cleanclip_stamp 2>/dev/null)" != "$want" ]; then
+hash="$(cat requirements.txt requirements-test.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
+want="$hash-${1:-core}"
+have="$(cat .venv/.cleanclip_stamp 2>/dev/null || true)"
+# A test install holds everything the core one does: demo.sh after test.sh installs nothing.
+if [ "$have" != "$want" ] && [ "$have" != "$hash-test" ]; then
   python -m pip install -q --upgrade pip
   if [ "${1:-core}" = "test" ]; then
     python -m pip install -q -r requirements-test.txt
@@ -25,3 +30,4 @@ if [ "$(cat .venv/.cleanclip_stamp 2>/dev/null)" != "$want" ]; then
   python -m pip install -q --no-deps -e .
   echo "$want" > .venv/.cleanclip_stamp
 fi
+popd >/dev/null
