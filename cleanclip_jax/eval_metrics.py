@@ -40,10 +40,7 @@ def ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
   if targets.size and (targets.min() < 0 or targets.max() >= scores.shape[1]):
     raise ValueError(f'ranks: targets must lie in [0, {scores.shape[1]}), got '
                      f'[{targets.min()}, {targets.max()}]')
-  true_score = np.take_along_axis(scores, targets[:, None], axis=1)
-  column = np.arange(scores.shape[1])[None, :]
-  beaten_by = (scores >= true_score) & (column != targets[:, None])
-  return np.where(np.isfinite(scores).all(axis=1), beaten_by.sum(axis=1), scores.shape[1])
+  return _rank_of_best_positive(scores, np.arange(scores.shape[1])[None, :] == targets[:, None])
 
 
 def predictions(scores: np.ndarray) -> np.ndarray:
@@ -124,7 +121,8 @@ def retrieval_recall(image_features: np.ndarray, text_features: np.ndarray,
 
 def _rank_of_best_positive(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
   """Per row: how many non-positive columns score at least as high as its best positive (ties
-  count against it, as in `ranks`); the column count for a row with a non-finite score."""
+  count against it); the column count for a row with a non-finite score. `ranks` is the case of
+  one positive a row."""
   best = np.where(positive, scores, -np.inf).max(axis=1, keepdims=True)
   beaten_by = (scores >= best) & ~positive
   return np.where(np.isfinite(scores).all(axis=1), beaten_by.sum(axis=1), scores.shape[1])
