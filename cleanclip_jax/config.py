@@ -330,7 +330,7 @@ def validate(config: ConfigDict, num_devices: int) -> None:
       raise ConfigError(f'optimizer.lr_rules: multiplier {rule[1]!r} for {rule[0]!r} must be a number >= 0')
   from cleanclip_jax import models  # pylint: disable=import-outside-toplevel (jax, flax)
   try:
-    model_size = models.get_config(config.model.name).vision.image_size
+    model_cfg = models.get_config(config.model.name)
   except ValueError as e:
     raise ConfigError(f'model.name: {e}') from None
   if config.model.get('tokenizer', ''):
@@ -339,12 +339,13 @@ def validate(config: ConfigDict, num_devices: int) -> None:
       needed = tokenizer_lib.get_tokenizer(config.model.tokenizer).vocab_size
     except (OSError, ValueError) as e:
       raise ConfigError(f'model.tokenizer={config.model.tokenizer!r}: {e}') from None
-    rows = int(config.model.get('vocab_size', 0)) or models.get_config(config.model.name).text.vocab_size
+    rows = int(config.model.get('vocab_size', 0)) or model_cfg.text.vocab_size
     if needed > rows:  # ids past the embedding would give NaN text features
       raise ConfigError(f'model.tokenizer has {needed} tokens but the model {rows} token rows; set '
                         f'--config.model.vocab_size={needed}')
+  model_size = model_cfg.vision.image_size
   if int(config.data.image_size) != model_size:
-    # The ViT's position embeddings fix it; otherwise the first step fails, after set-up.
+    # The towers' position embeddings fix it; otherwise the first step fails, after set-up.
     raise ConfigError(f'data.image_size={config.data.image_size} but model {config.model.name} takes '
                       f'{model_size}px images; use --config.data.image_size={model_size}')
   if config.model.attention not in models.ATTENTION_IMPLS:

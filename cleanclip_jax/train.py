@@ -96,8 +96,9 @@ def check_inputs(config: ml_collections.ConfigDict) -> None:
     if value and '://' in value:
       raise config_lib.ConfigError(
           f'{key}={value!r}: remote URLs are not read directly (the sources, logs and summaries '
-          'use local file APIs); mount the bucket on every host (e.g. `gcsfuse --rename-dir-limit=1000000 BUCKET /gcs/BUCKET`: checkpoints commit by renaming a folder) '
-          'and pass the mounted path')
+          'use local file APIs); mount the bucket on every host (e.g. `gcsfuse '
+          '--rename-dir-limit=1000000 BUCKET /gcs/BUCKET`: checkpoints commit by renaming a '
+          'folder) and pass the mounted path')
   if data.source in ('csv', 'array_record') and path:
     import glob  # pylint: disable=g-import-not-at-top
     if not (os.path.exists(path) or glob.glob(path) or glob.glob(os.path.join(path, '*.array_record'))):
@@ -337,8 +338,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
   if '://' in str(workdir):  # pathlib would turn gs://b/x into the local path gs:/b/x
     raise config_lib.ConfigError(
         f'--workdir {workdir}: remote URLs are not written directly (logs and summaries use local '
-        'file APIs); mount the bucket on every host (e.g. `gcsfuse --rename-dir-limit=1000000 BUCKET /gcs/BUCKET`: checkpoints commit by renaming a folder) and pass '
-        'the mounted path')
+        'file APIs); mount the bucket on every host (e.g. `gcsfuse --rename-dir-limit=1000000 '
+        'BUCKET /gcs/BUCKET`: checkpoints commit by renaming a folder) and pass the mounted path')
   workdir = pathlib.Path(workdir)
   config = prepare_config(config, jax.device_count())
   is_main = jax.process_index() == 0
