@@ -52,6 +52,10 @@ from cleanclip_jax import (checkpoint, cpu_dots, distributed, flops, host_memory
 from cleanclip_jax import config as config_lib
 
 PREEMPTED_EXIT_CODE = 143
+# orbax commits a checkpoint by renaming its folder, which gcsfuse allows on a flat bucket only
+# under --rename-dir-limit.
+_MOUNT_ADVICE = ('mount the bucket on every host (e.g. `gcsfuse --rename-dir-limit=1000000 BUCKET '
+                 '/gcs/BUCKET`: checkpoints commit by renaming a folder) and pass the mounted path')
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A configs/*.py file with an optional :preset.',
                                           lock_config=True)
@@ -96,9 +100,7 @@ def check_inputs(config: ml_collections.ConfigDict) -> None:
     if value and '://' in value:
       raise config_lib.ConfigError(
           f'{key}={value!r}: remote URLs are not read directly (the sources, logs and summaries '
-          'use local file APIs); mount the bucket on every host (e.g. `gcsfuse '
-          '--rename-dir-limit=1000000 BUCKET /gcs/BUCKET`: checkpoints commit by renaming a '
-          'folder) and pass the mounted path')
+          f'use local file APIs); {_MOUNT_ADVICE}')
   if data.source in ('csv', 'array_record') and path:
     import glob  # pylint: disable=g-import-not-at-top
     if not (os.path.exists(path) or glob.glob(path) or glob.glob(os.path.join(path, '*.array_record'))):
@@ -153,17 +155,17 @@ def prepare_config(config: ml_collections.ConfigDict, num_devices: int) -> ml_co
 def _inherit_backdoor(config: ml_collections.ConfigDict) -> None:
   """A finetune (a defence) plants nothing: its ASR is measured with the trigger and target its
   init checkpoint was measured with (the pretraining run's backdoor, passed down a chain of
-  finetunes), as the evaluation job's `eval.trigger_from_run` does for a run's own checkpoints."""
+  finetunes), taken as the evaluation job takes a run's own (`evaluate.eval_config_for_run`)."""
+  from cleanclip_jax import evaluate  # pylint: disable=g-import-not-at-top
   try:
-    stored = checkpoint.load_config(config.init_checkpoint).get('eval')
+    stored = checkpoint.load_config(config.init_checkpoint)
   except Exception as e:  # pylint: disable=broad-except
     logging.warning('eval.trigger: could not read the config of init_checkpoint=%s (%s); ASR uses '
                     'this run\'s eval.trigger', config.init_checkpoint, e)
     return
-  if stored is None or 'trigger' not in stored or 'target' not in stored:
+  if 'trigger' not in (stored.get('eval') or {}):
     return
-  config.eval.trigger = ml_collections.ConfigDict(stored['trigger'].to_dict())
-  config.eval.target = str(stored['target'])
+  config.eval = evaluate.eval_config_for_run(config.eval, stored)
   logging.info('eval.trigger: %s, target %r, from init_checkpoint %s (the backdoor this defence '
                'is measured against; --config.eval.trigger_from_run=False keeps this config\'s)',
                config.eval.trigger.kind, config.eval.target, config.init_checkpoint)
@@ -338,8 +340,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
   if '://' in str(workdir):  # pathlib would turn gs://b/x into the local path gs:/b/x
     raise config_lib.ConfigError(
         f'--workdir {workdir}: remote URLs are not written directly (logs and summaries use local '
-        'file APIs); mount the bucket on every host (e.g. `gcsfuse --rename-dir-limit=1000000 '
-        'BUCKET /gcs/BUCKET`: checkpoints commit by renaming a folder) and pass the mounted path')
+        f'file APIs); {_MOUNT_ADVICE}')
   workdir = pathlib.Path(workdir)
   config = prepare_config(config, jax.device_count())
   is_main = jax.process_index() == 0
