@@ -127,10 +127,11 @@ def build_jax_step(model_name: str, batch_size: int, objective: str, dtype: str 
   trainer's `train.text_batch` makes them (shared with `accelerator_step.py`)."""
   import jax
   from cleanclip_jax import config as config_lib
-  from cleanclip_jax import sharding, train, train_step
+  from cleanclip_jax import models, sharding, train, train_step
 
   config = config_lib.base_config()
   config.model.name = model_name
+  config.data.image_size = models.get_config(model_name).vision.image_size
   config.model.dtype = dtype
   config.model.attention = attention
   config.model.pooled_last_block = pooled_last_block
