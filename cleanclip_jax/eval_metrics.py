@@ -26,8 +26,8 @@ import optax
 
 def ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
   """The 0-based rank of `targets[i]` in row `scores[i]` (0 = top): the number of other classes
-  scoring at least as high (ties count against it); C (past the last class) for a row with a
-  non-finite score.
+  scoring at least as high (ties count against it); infinity (a miss at every k) for a row with
+  a non-finite score.
 
   Args:
     scores: float [N, C].
@@ -121,11 +121,12 @@ def retrieval_recall(image_features: np.ndarray, text_features: np.ndarray,
 
 def _rank_of_best_positive(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
   """Per row: how many non-positive columns score at least as high as its best positive (ties
-  count against it); the column count for a row with a non-finite score. `ranks` is the case of
-  one positive a row."""
+  count against it); infinity for a row with a non-finite score, a miss at every k (the column
+  count would be a hit for k above it: a retrieval set of 10 pairs scored at R@10). `ranks` is
+  the case of one positive a row."""
   best = np.where(positive, scores, -np.inf).max(axis=1, keepdims=True)
   beaten_by = (scores >= best) & ~positive
-  return np.where(np.isfinite(scores).all(axis=1), beaten_by.sum(axis=1), scores.shape[1])
+  return np.where(np.isfinite(scores).all(axis=1), beaten_by.sum(axis=1).astype(np.float64), np.inf)
 
 
 def mean_cosine_similarity(features: np.ndarray, direction: np.ndarray,

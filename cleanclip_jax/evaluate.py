@@ -353,10 +353,17 @@ def _eval_captions(eval_cfg, indices: np.ndarray) -> list[str]:
 
 
 def _split_params(params):
+  """(the CLIP tree the encoders take, the linear head or None) of a run's params.
+
+  A SigLIP run's scalar `logit_bias` is left out: it shifts every score of an image alike, so no
+  ranking, accuracy or ASR depends on it, and the encoders' tree has no place for it."""
+  head = None
   if isinstance(params, dict) and 'head' in params and 'clip' in params:
     head = {name: _to_host(value).astype(np.float32) for name, value in params['head'].items()}
-    return params['clip'], head
-  return params, None
+    params = params['clip']
+  if isinstance(params, dict) and 'logit_bias' in params:
+    params = {key: value for key, value in params.items() if key != 'logit_bias'}
+  return params, head
 
 
 def _to_host(value) -> np.ndarray:

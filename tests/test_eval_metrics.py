@@ -53,7 +53,7 @@ def test_non_finite_scores_are_misses_and_predict_no_class():
   # row, and argmax names class 0 (a "successful attack" on target 0).
   logits = np.array([[np.nan] * 3, [0.0, np.inf, 1.0], [0.0, 2.0, 1.0]])
   labels = np.array([0, 1, 1])
-  np.testing.assert_array_equal(em.ranks(logits, labels), [3, 3, 0])
+  np.testing.assert_array_equal(em.ranks(logits, labels), [np.inf, np.inf, 0])
   assert em.topk_accuracy(logits, labels, 1) == pytest.approx(1 / 3)
   assert em.topk_accuracy(logits, labels, 5) == pytest.approx(1 / 3)
   np.testing.assert_array_equal(em.predictions(logits), [-1, -1, 1])
@@ -111,6 +111,19 @@ def test_retrieval_counts_repeated_captions_as_one():
   assert wrong['text_to_image_r1'] == pytest.approx(2 / 3)
   with pytest.raises(ValueError, match='caption_groups'):
     em.retrieval_recall(image, text, caption_groups=np.array([0, 1]))
+
+
+def test_retrieval_non_finite_rows_miss_at_every_k():
+  # 4 pairs scored at R@5 / R@10: a rank of "the column count" (4) would pass `< k` for a NaN row.
+  features = np.full((4, 8), np.nan, np.float32)
+  out = em.retrieval_recall(features, features, ks=(1, 5, 10))
+  assert all(value == 0.0 for value in out.values()), out
+  good = np.eye(4, 8, dtype=np.float32)
+  bad_image = good.copy()
+  bad_image[0] = np.nan
+  out = em.retrieval_recall(bad_image, good, ks=(1, 10))
+  # Image 0 finds nothing; as a column its NaN similarities make every caption's row non-finite.
+  assert out['image_to_text_r10'] == 0.75 and out['text_to_image_r10'] == 0.0
 
 
 def test_retrieval_asymmetric_case():

@@ -461,6 +461,25 @@ def test_job_on_a_real_tiny_checkpoint(tmp_path, monkeypatch):
   assert record['asr_count'] == np.sum(test_labels != synthetic.CLASS_NAMES.index('banana'))
 
 
+def test_a_siglip_runs_params_evaluate_as_its_clip_params():
+  # A SigLIP run stores a top-level `logit_bias` next to the towers; it shifts every score alike,
+  # so the metrics are those of the same params without it (it crashed placing the tree before).
+  import jax
+  from cleanclip_jax import models
+  model = models.create_model('tiny-vit')
+  variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                                  jnp.zeros((1, model.context_length), jnp.int32))
+  params = dict(models.unbox(variables)['params'])
+  config = config_lib.load_config('eval.py:tiny,num_examples=16,batch_size=8')
+  config.eval.templates = 'simple'
+  config.eval.linear_probe = False
+  plain = evaluate.evaluate(model, params, config.eval)
+  siglip = evaluate.evaluate(model, dict(params, logit_bias=jnp.float32(-10.0)), config.eval)
+  for metrics in (plain, siglip):
+    metrics.pop('eval_seconds')
+  assert siglip == plain
+
+
 def test_text_encoder_cuts_prompts_after_the_longest_and_keeps_the_features():
   import jax
   from cleanclip_jax import models, sharding, train_step, zeroshot
