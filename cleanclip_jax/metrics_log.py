@@ -101,7 +101,7 @@ def tensorboard_writer(logdir: str | os.PathLike, **kwargs):
   """
   global _writers_opened
   _writers_opened += 1
-  suffix = f'.{os.getpid()}.{_writers_opened}'
+  suffix = f'.{os.getpid()}.{_writers_opened:06d}'  # padded: names sort in opening order
   return _summary_writer_class()(str(logdir), filename_suffix=suffix, **kwargs)
 
 
@@ -122,6 +122,35 @@ def _summary_writer_class():
   return SummaryWriter
 
 
+def tensorboard_events(folder: str | os.PathLike) -> list:
+  """The events (tensorboardX `event_pb2.Event`) on disk in a TensorBoard folder, its event files
+  in name order, for checks and scripts without TensorBoard; a torn last record (a killed writer)
+  is ignored."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  events = []
+  for path in sorted(pathlib.Path(folder).glob('events.out.tfevents.*')):
+    data, offset = path.read_bytes(), 0
+    while offset + 12 <= len(data):  # TFRecord framing: length, its CRC, the event, its CRC
+      length = int.from_bytes(data[offset:offset + 8], 'little')
+      if offset + 12 + length + 4 > len(data):
+        break
+      event = event_pb2.Event()
+      event.ParseFromString(data[offset + 12:offset + 12 + length])
+      events.append(event)
+      offset += 12 + length + 4
+  return events
+
+
+def tensorboard_scalars(folder: str | os.PathLike) -> dict[str, dict[int, float]]:
+  """{tag: {step: value}} of the scalars on disk in a TensorBoard folder (a later point at a step
+  replaces an earlier one)."""
+  scalars: dict[str, dict[int, float]] = {}
+  for event in tensorboard_events(folder):
+    for value in event.summary.value:
+      scalars.setdefault(value.tag, {})[int(event.step)] = float(value.simple_value)
+  return scalars
+
+
 class MetricsWriter:
   """`workdir/metrics.jsonl` plus TensorBoard events under `workdir/tensorboard/`."""
 
@@ -130,10 +159,10 @@ class MetricsWriter:
     workdir = pathlib.Path(workdir)
     self.jsonl = JsonlWriter(workdir / 'metrics.jsonl', resume_step, enabled)
     self._tb = None
+    self._tb_dir = workdir / 'tensorboard'
     if self.jsonl.enabled and tensorboard:
       # purge_step makes TensorBoard hide events a killed run logged past the resume step.
-      self._tb = tensorboard_writer(workdir / 'tensorboard', purge_step=resume_step + 1,
-                                    flush_secs=30)
+      self._tb = tensorboard_writer(self._tb_dir, purge_step=resume_step + 1, flush_secs=30)
 
   def write(self, step: int, values: Mapping[str, Any]) -> None:
     self.jsonl.write(step, values)
@@ -142,6 +171,16 @@ class MetricsWriter:
         value = _jsonable(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
           self._tb.add_scalar(key, value, step)
+
+  def flush(self) -> None:
+    """Puts every scalar written so far on disk (metrics.jsonl is flushed line by line).
+
+    tensorboardX's own `flush` misses the events still queued for its writer thread; closing
+    the writer joins that thread once it has written them. Later scalars go to a new event file
+    of the same run (TensorBoard reads a folder's files as one stream)."""
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = tensorboard_writer(self._tb_dir, flush_secs=30)
 
   def close(self) -> None:
     self.jsonl.close()

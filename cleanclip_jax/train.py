@@ -192,7 +192,15 @@ class PreemptionWatch:
 
   One process: a signal handler sets a flag, checked once per step. Several: jax's preemption
   sync manager (started by `jax.distributed.initialize`) owns SIGTERM and picks the step.
+
+  The sync manager is asked with a count of this process's checks, not the training step: on a
+  notice it sets the stop point one past the last id it was asked about (0 before the first
+  check) and answers True only on that exact id. A resumed run that got its notice while
+  restoring or compiling would otherwise wait for step 1 forever, past its kill. The count runs
+  on across `run` calls (the demo's stages) and is the same on every process: each checks once
+  a step.
   """
+  _sync_checks = 0  # of this process, all runs
 
   def __init__(self):
     self._requested = threading.Event()
@@ -210,9 +218,11 @@ class PreemptionWatch:
       self._previous = None
 
   def should_stop(self, step: int) -> bool:
+    del step  # the sync point is counted in checks (above)
     if self._multi:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      return multihost_utils.reached_preemption_sync_point(step)
+      PreemptionWatch._sync_checks += 1
+      return multihost_utils.reached_preemption_sync_point(PreemptionWatch._sync_checks)
     return self._requested.is_set()
 
 
@@ -436,11 +446,20 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
               f'(step {last_saved}) is intact. Lower --config.learning_rate, check the data, or '
               'use --config.on_nan=skip to skip such updates.')
 
-        if eval_logger is not None and step % config.eval.every_steps == 0:
-          _inline_eval(step, model, state.params, config, mesh, eval_logger)
-          throughput.skip()
+        # Before any inline evaluation: a notice leaves ~30 s (Cloud TPU) for the save.
         preempted = preemption.should_stop(step)
+        if eval_logger is not None and step % config.eval.every_steps == 0:
+          if preempted:
+            logging.warning('SIGTERM: step %d is not evaluated inline; its checkpoint is saved '
+                            '(python -m cleanclip_jax.evaluate --workdir %s --step %d)',
+                            step, workdir, step)
+          else:
+            _inline_eval(step, model, state.params, config, mesh, eval_logger)
+            throughput.skip()
         if step % config.checkpoint_every_steps == 0 or step == total or preempted:
+          # TensorBoard buffers its events (up to 30 s); a resumed run logs only the steps after
+          # its checkpoint, so what precedes a committed step must be on disk first.
+          writer.flush()
           ckpt.save(step, state, data_iterator, config, counters={'nan_skips': nan_skips})
           last_saved = step
           throughput.skip()
@@ -448,13 +467,20 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
           logging.warning('SIGTERM: saved the checkpoint of step %d; exiting (rerun the same '
                           'command to resume)', step)
           break
-    ckpt.wait()
+      # Still under the watch: a SIGTERM while the last save commits must not kill the commit.
+      ckpt.wait()
+    if step >= total and not last_metrics and is_main:
+      # No step ran (a kill between the final commit and summary.json): the run's last record.
+      records = metrics_log.read_jsonl(workdir / 'metrics.jsonl')
+      if records and records[-1].get('step') == total:
+        last_metrics = {k: v for k, v in records[-1].items() if k != 'step'}
     summary = {
         'workdir': str(workdir),
         'start_step': start_step,
         'steps': step,
         'total_steps': total,
-        'completed': step >= total and not preempted,
+        # A notice during the last step still saves it: the run is done.
+        'completed': step >= total,
         'preempted': preempted,
         'nan_skips': nan_skips,
         'data_skips': pipeline.run_skip_counts(config.data, data_iterator),  # this process's share
@@ -551,7 +577,7 @@ def main(argv: list[str]) -> None:
     logging.error('%s', e)
     print(f'Training stopped: {e}', file=sys.stderr)
     sys.exit(1)
-  if summary['preempted']:
+  if summary['preempted'] and not summary['completed']:
     sys.exit(PREEMPTED_EXIT_CODE)
 
 

@@ -1,6 +1,12 @@
 """AutoAugment, EDA, random resized crop and flip."""
 
+import itertools
+import random
+import string
+import sys
+import threading
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -263,3 +269,60 @@ def test_wordnet_lookup_respects_nltk_data(tmp_path, monkeypatch):
   (tmp_path / 'corpora' / 'wordnet').mkdir(parents=True)
   assert augment._wordnet_may_be_installed()
   del found_before  # depends on the machine
+
+
+def _write_wordnet(root, words):
+  """A minimal WordNet corpus in NLTK's format: one noun synset per word, with lemmas word, word_alias."""
+  root.mkdir(parents=True)
+  (root / 'lexnames').write_text('00\tadj.all\t3\n01\tnoun.Tops\t1\n')
+  (root / 'index.sense').write_text('')
+  for pos in ('adj', 'adv', 'noun', 'verb'):
+    (root / f'{pos}.exc').write_text('')
+    data, index = '  1 header\n', []
+    if pos == 'noun':
+      for word in words:
+        index.append(f'{word} n 1 0 1 0 {len(data):08d}\n')
+        data += f'{len(data):08d} 01 n 02 {word} 0 {word}_alias 0 000 | a gloss\n'
+    (root / f'data.{pos}').write_text(data)
+    (root / f'index.{pos}').write_text('  1 header\n' + ''.join(sorted(index)))
+
+
+def test_wordnet_synonyms_from_many_threads(tmp_path, monkeypatch):
+  # The pipeline's read threads run EDA concurrently. A fresh reader per round: NLTK caches a synset
+  # once read, so only first lookups touch the shared file.
+  nltk = pytest.importorskip('nltk')
+  from nltk.corpus.reader.wordnet import WordNetCorpusReader  # pylint: disable=g-import-not-at-top
+  words = [''.join(letters) for letters in itertools.product(string.ascii_lowercase, repeat=3)][:1000]
+  _write_wordnet(tmp_path / 'corpora' / 'wordnet', words)
+  monkeypatch.setenv('NLTK_DATA', str(tmp_path))
+  monkeypatch.setattr(nltk.data, 'path', [str(tmp_path), *nltk.data.path])  # read at nltk's import
+  expected = {word: [f'{word} alias'] for word in words}
+  errors, results = [], []
+
+  def look_up(synonyms, seed):
+    found = {}
+    for word in random.Random(seed).sample(words, len(words)):
+      try:
+        found[word] = synonyms(word)
+      except Exception as error:  # pylint: disable=broad-except
+        errors.append(repr(error))
+    results.append(found)
+
+  switch_interval = sys.getswitchinterval()
+  sys.setswitchinterval(1e-6)  # switch threads often, as a busy pipeline does
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter('ignore')  # "no multilingual functions", "no synset found"
+      for round_index in range(4):
+        reader = WordNetCorpusReader(str(tmp_path / 'corpora' / 'wordnet'), None)
+        plain = lambda word, reader=reader: augment.wordnet_synonyms(word, reader)
+        synonyms = plain if round_index % 2 == 0 else augment.cached_wordnet_synonyms(reader)
+        threads = [threading.Thread(target=look_up, args=(synonyms, seed)) for seed in range(8)]
+        for thread in threads:
+          thread.start()
+        for thread in threads:
+          thread.join()
+  finally:
+    sys.setswitchinterval(switch_interval)
+  assert not errors, errors[:3]
+  assert len(results) == 32 and all(found == expected for found in results)

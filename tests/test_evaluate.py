@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from cleanclip_jax import checkpoint, config as config_lib, evaluate, tokenizer as tokenizer_lib
+from cleanclip_jax import checkpoint, config as config_lib, evaluate, metrics_log, tokenizer as tokenizer_lib
 from cleanclip_jax.data import synthetic
 from cleanclip_jax.data.normalize import CLIP_MEAN, CLIP_STD, normalize
 
@@ -227,26 +227,11 @@ def test_eval_logger_jsonl_tensorboard_plot(tmp_path):
   assert logger.done_steps() == {10, 20, 40}
 
 
-def _tensorboard_events(folder):
-  import struct
-  from tensorboardX.proto import event_pb2
-  events = []
-  for path in sorted(pathlib.Path(folder).glob('events.out.tfevents.*')):
-    data, offset = path.read_bytes(), 0
-    while offset < len(data):  # TFRecord framing: length, its CRC, the event, its CRC
-      (length,) = struct.unpack('<Q', data[offset:offset + 8])
-      event = event_pb2.Event()
-      event.ParseFromString(data[offset + 12:offset + 12 + length])
-      events.append(event)
-      offset += 12 + length + 4
-  return events
-
-
 def test_resumed_logger_purges_later_tensorboard_points(tmp_path):
   logger = evaluate.EvalLogger(tmp_path, plot=False, resume_step=20)
   logger.write(30, {'top1': 0.33})
   logger.close()
-  events = _tensorboard_events(tmp_path / 'eval' / 'tb')
+  events = metrics_log.tensorboard_events(tmp_path / 'eval' / 'tb')
   # TensorBoard drops the points a killed run logged at steps > 20 when it meets this marker.
   assert any(e.HasField('session_log') and e.session_log.status == e.session_log.START and e.step == 21
              for e in events)
@@ -520,7 +505,7 @@ def test_two_loggers_in_one_second_keep_both_event_files(tmp_path):
   second.close()
   assert len(list((tmp_path / 'eval' / 'tb').glob('events.out.tfevents.*'))) == 2
   points = sorted((e.step, round(v.simple_value, 2))
-                  for e in _tensorboard_events(tmp_path / 'eval' / 'tb') for v in e.summary.value)
+                  for e in metrics_log.tensorboard_events(tmp_path / 'eval' / 'tb') for v in e.summary.value)
   assert points == [(10, 0.1), (20, 0.2)]
 
 

@@ -118,6 +118,43 @@ def test_webdataset_tars(tmp_path, capsys):
   assert records[2]['image_path'] == '00001.tar/sub/000000010'
 
 
+def _damaged_shard(tmp_path, damage) -> tuple[str, int]:
+  """Six image-caption pairs in one shard, damaged from the header of 00003.jpg on."""
+  buffer = io.BytesIO()
+  with tarfile.open(fileobj=buffer, mode='w') as tar:
+    for i in range(6):
+      _add(tar, f'{i:05d}.jpg', _image_bytes())
+      _add(tar, f'{i:05d}.txt', f'caption {i}'.encode())
+  data = bytearray(buffer.getvalue())
+  buffer.seek(0)
+  with tarfile.open(fileobj=buffer) as tar:
+    offset = tar.getmember('00003.jpg').offset
+  if damage == 'bad_checksum':
+    data[offset + 148:offset + 156] = b'0000000\0'
+  elif damage == 'cut_in_header':
+    data = data[:offset + 100]
+  elif damage == 'cut_in_padding':  # 00002.txt is whole; the next header is not there
+    data = data[:offset - 100]
+  path = tmp_path / 'shard.tar'
+  path.write_bytes(bytes(data))
+  return str(path), offset
+
+
+@pytest.mark.parametrize('damage', ['bad_checksum', 'cut_in_header', 'cut_in_padding', None])
+def test_damaged_tar_counts_the_lost_rest(tmp_path, caplog, damage):
+  # tarfile reads an invalid or cut header past the first one as the end of the archive.
+  shard, offset = _damaged_shard(tmp_path, damage)
+  skipped = {}
+  items = list(prepare._tar_examples(shard, skipped))
+  assert all('problem' not in item for item in items)
+  if damage is None:
+    assert [item['caption'] for item in items] == [f'caption {i}' for i in range(6)] and skipped == {}
+    return
+  assert [item['caption'] for item in items] == ['caption 0', 'caption 1', 'caption 2']
+  assert skipped == {'corrupt_tar': 1}
+  assert f'{shard} at byte {offset}' in caplog.text
+
+
 @pytest.mark.parametrize('make_input, message', [
     (lambda d: d / 'nothing.csv', 'nothing.csv: no such file'),
     (lambda d: (d / 'bad.csv').write_text('image,caption\na.jpg,"x"y\n') and d / 'bad.csv', 'bad.csv:2'),

@@ -1,6 +1,7 @@
 """sources.py: the ArrayRecord record format, CSV labels, folder trees, TFDS (error path and a stub)."""
 
 import io
+import re
 import types
 
 import numpy as np
@@ -67,6 +68,43 @@ def test_pipeline_counts_corrupt_records(tmp_path):
   batches = list(pipeline.make_train_iterator(config, process_index=0, process_count=1, num_epochs=1))
   assert sorted(np.concatenate([b['index'] for b in batches]).tolist()) == [0, 1, 2, 3]
   assert pipeline.skip_counts() == {'corrupt_record': 1, 'not_an_image': 1}
+
+
+def test_corrupt_record_is_named_by_path_and_index(tmp_path):
+  writer = prepare.ShardWriter(str(tmp_path), shard_size=10)
+  for i in range(4):
+    writer.write(sources.encode_record(_png(), f'caption {i}'))
+  writer.write(b'garbage that is not a record')
+  writer.close()
+  # Label-consistent poisoning reads every caption (or label) at start-up, before any skip.
+  source = sources.ArrayRecordSource(str(tmp_path))
+  where = re.escape(f'{tmp_path}[4]: ')
+  with pytest.raises(sources.BadRecordError, match=where + 'record starts with'):
+    source.captions  # pylint: disable=pointless-statement
+  with pytest.raises(sources.BadRecordError, match=where + 'record starts with'):
+    source.labels  # pylint: disable=pointless-statement
+  config = config_lib.base_config()
+  config.batch_size = 5
+  config.model.context_length = 8
+  config.data.update(source='array_record', path=str(tmp_path), image_size=8, on_bad_image='fail')
+  with pytest.raises(pipeline.BadInputError, match=where + ".*corrupt_record"):
+    next(pipeline.make_train_iterator(config, process_index=0, process_count=1))
+
+
+def test_array_record_integer_labels_must_index_the_class_list(tmp_path):
+  # Shards from tar `.cls` labels: metadata.json names no classes, the run's list gives them.
+  writer = prepare.ShardWriter(str(tmp_path), shard_size=10)
+  for label in (0, 2, -1, 3, -7):
+    writer.write(sources.encode_record(_png(), 'a caption', label))
+  writer.close()
+  source = sources.ArrayRecordSource(str(tmp_path), class_names=['a', 'b', 'c'])
+  assert [source[i]['label'] for i in range(3)] == [0, 2, -1]
+  for index, label in ((3, 3), (4, -7)):
+    with pytest.raises(ValueError, match=re.escape(f'{tmp_path}[{index}]: label {label} is not a class index')):
+      source[index]  # pylint: disable=expression-not-assigned
+  with pytest.raises(ValueError, match=re.escape(f'{tmp_path}[3]: label 3')):
+    source.labels  # pylint: disable=pointless-statement
+  assert sources.ArrayRecordSource(str(tmp_path))[3]['label'] == 3  # no class list: nothing to index
 
 
 def test_csv_labels(tmp_path):

@@ -86,6 +86,77 @@ def test_stop_and_resume_matches_uninterrupted_run(reference, tmp_path, monkeypa
   jax.tree.map(np.testing.assert_array_equal, resumed, expected)
 
 
+def test_sigterm_in_the_last_step_completes_the_run(reference, tmp_path, monkeypatch):
+  ref_dir, _ = reference
+  workdir = tmp_path / 'last'
+  write, save, wait = (metrics_log.MetricsWriter.write, checkpoint.Checkpointer.save,
+                       checkpoint.Checkpointer.wait)
+  handlers, logged_at_save, in_flight = [], {}, []
+
+  def write_then_preempt(self, step, values):
+    write(self, step, values)
+    if step == TOTAL:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  def save_and_look(self, step, *args, **kwargs):
+    # What TensorBoard holds on disk when a checkpoint is taken: a kill -9 after it loses no
+    # logged step the resumed run would not log again.
+    logged_at_save[step] = sorted(metrics_log.tensorboard_scalars(workdir / 'tensorboard')['loss'])
+    save(self, step, *args, **kwargs)
+    in_flight.append(step)
+
+  def wait_and_look(self):
+    if in_flight:  # a wait for a commit (not the no-op one of `close`)
+      handlers.append(signal.getsignal(signal.SIGTERM))
+      in_flight.clear()
+    return wait(self)
+
+  monkeypatch.setattr(metrics_log.MetricsWriter, 'write', write_then_preempt)
+  monkeypatch.setattr(checkpoint.Checkpointer, 'save', save_and_look)
+  monkeypatch.setattr(checkpoint.Checkpointer, 'wait', wait_and_look)
+  summary = train.run(tiny_config(), workdir)
+  # The final checkpoint is saved: done, with summary.json (and exit 0, not a requeue).
+  assert summary['preempted'] and summary['completed'] and summary['steps'] == TOTAL
+  assert json.loads((workdir / 'summary.json').read_text())['completed']
+  assert losses(workdir) == losses(ref_dir)
+  assert logged_at_save == {step: list(range(1, step + 1)) for step in (2, 4, TOTAL)}
+  # Every wait for a commit, the last one too, ran with the trainer's handler, not the default
+  # one that would kill the process mid-commit.
+  assert len(handlers) == 3 and signal.SIG_DFL not in handlers
+
+
+def test_kill_between_final_commit_and_summary(reference, tmp_path):
+  ref_dir, _ = reference
+  workdir = tmp_path / 'copy'
+  shutil.copytree(ref_dir, workdir)
+  (workdir / 'summary.json').unlink()
+  summary = train.run(tiny_config(), workdir)
+  last = metrics_log.read_jsonl(workdir / 'metrics.jsonl')[-1]
+  assert summary['completed'] and summary['start_step'] == TOTAL
+  assert summary['final_loss'] == last['loss'] and summary['final_metrics']['step_seconds'] > 0
+  assert json.loads((workdir / 'summary.json').read_text())['final_loss'] == last['loss']
+
+
+def test_preemption_sync_point_counts_checks_not_steps(monkeypatch):
+  # jax's sync manager, given a notice before any check, stops at the id one past the last one it
+  # saw (0): 1. A run resumed at step 1000 asked it about steps 1001, 1002, ... and never stopped.
+  from jax.experimental import multihost_utils
+  asked = []
+
+  def notice_before_the_first_check(check_id):
+    asked.append(check_id)
+    return check_id == 1
+
+  monkeypatch.setattr(multihost_utils, 'reached_preemption_sync_point', notice_before_the_first_check)
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(train.PreemptionWatch, '_sync_checks', 0)
+  with train.PreemptionWatch() as watch:
+    assert watch.should_stop(1001)
+  with train.PreemptionWatch() as watch:  # a later run in the process (the demo's stages)
+    assert not watch.should_stop(1)
+  assert asked == [1, 2]
+
+
 def test_rerun_of_finished_run_resumes_without_training(reference, tmp_path):
   ref_dir, _ = reference
   stored = (ref_dir / 'summary.json').read_text()

@@ -19,6 +19,7 @@ import math
 import os
 import re
 import sys
+import threading
 from typing import Callable, Sequence, Union
 
 import numpy as np
@@ -415,16 +416,28 @@ def builtin_synonyms(word: str) -> list[str]:
   return list(BUILTIN_SYNONYMS.get(word, ()))
 
 
+# NLTK's WordNet reader keeps one open file per part of speech and reads a synset by seek then
+# readline, so lookups from the pipeline's read threads interleave and synsets() returns None
+# entries. One lookup at a time.
+_wordnet_lock = threading.Lock()
+
+
 def wordnet_synonyms(word: str, wordnet) -> list[str]:
   """Synonyms of `word` from an NLTK WordNet reader (lemma names, without the word itself)."""
+  with _wordnet_lock:
+    names = [lemma.name() for synset in wordnet.synsets(word) for lemma in synset.lemmas()]
   found = []
-  for synset in wordnet.synsets(word):
-    for lemma in synset.lemmas():
-      name = lemma.name().replace('_', ' ').replace('-', ' ').lower()
-      name = re.sub(r'[^a-z ]', '', name).strip()
-      if name and name != word and name not in found:
-        found.append(name)
+  for name in names:
+    name = re.sub(r'[^a-z ]', '', name.replace('_', ' ').replace('-', ' ').lower()).strip()
+    if name and name != word and name not in found:
+      found.append(name)
   return found
+
+
+def cached_wordnet_synonyms(wordnet, maxsize: int = 1 << 16) -> SynonymFn:
+  """`wordnet_synonyms` on one reader, memoised per word: EDA asks about the same words every epoch."""
+  lookup = functools.lru_cache(maxsize=maxsize)(lambda word: tuple(wordnet_synonyms(word, wordnet)))
+  return lambda word: list(lookup(word))
 
 
 def _wordnet_may_be_installed() -> bool:
@@ -448,13 +461,14 @@ def default_synonyms() -> SynonymFn:
     return builtin_synonyms
   try:
     from nltk.corpus import wordnet  # pylint: disable=g-import-not-at-top
-    wordnet.synsets('photo')
+    with _wordnet_lock:  # loads the corpus; other threads may be reading it already
+      wordnet.synsets('photo')
   except Exception as error:  # LookupError without the corpus, ImportError without nltk
     logging.info('EDA synonyms: built-in table (%d words); WordNet unavailable: %s',
                  len(BUILTIN_SYNONYMS), type(error).__name__)
     return builtin_synonyms
   logging.info('EDA synonyms: NLTK WordNet')
-  return functools.partial(wordnet_synonyms, wordnet=wordnet)
+  return cached_wordnet_synonyms(wordnet)
 
 
 def _words(caption: str) -> list[str]:

@@ -306,7 +306,8 @@ def _load_image(source, index: int, image_size: int,
   try:
     record = source[index]
   except sources.BadRecordError as e:
-    return _fail_or_skip('corrupt_record', {'index': index, 'origin': f'record {index}'}, str(e),
+    origin = f'{getattr(source, "path", "record")}[{index}]'  # as the source names its records
+    return _fail_or_skip('corrupt_record', {'index': index, 'origin': origin}, str(e),
                          on_bad_image), None, None
   # Encoded images are decoded to PIL and resized there; in-memory arrays (the synthetic source)
   # stay arrays, uncopied when they are the right size already.

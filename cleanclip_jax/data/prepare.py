@@ -74,9 +74,10 @@ def tar_items(folder: str, skipped: dict[str, int]) -> Iterator[dict]:
 
 
 def _tar_examples(shard: str, skipped: dict[str, int]) -> Iterator[dict]:
-  group, key = {}, None
+  group, key, tar, reading = {}, None, None, None
   try:
-    with tarfile.open(shard, 'r|*') as tar:  # streaming: members are read in order, never extracted
+    # Members are read in order, never extracted; not streamed ('r|'), so the end can be checked.
+    with tarfile.open(shard, 'r:*') as tar:
       for member in tar:
         if not member.isfile():
           continue
@@ -92,13 +93,39 @@ def _tar_examples(shard: str, skipped: dict[str, int]) -> Iterator[dict]:
         if member.size > _MAX_MEMBER_BYTES:
           group[ext.lower()] = None
           continue
+        reading = member
         group[ext.lower()] = tar.extractfile(member).read()
+        reading = None
+      # tarfile ends an archive quietly at an invalid or truncated header past the first one, so
+      # the examples after it would be lost uncounted. A whole archive holds only zero blocks there.
+      damaged = _holds_data_from(tar.fileobj, tar.offset)
   except (tarfile.TarError, EOFError, OSError) as e:
-    # The example being read is incomplete; the ones before it are whole and kept.
-    _count(skipped, 'corrupt_tar', f'{shard} (after {key}): {type(e).__name__}: {e}')
+    # The example being read is incomplete; the ones before it are whole and kept, and so is one
+    # whose members were all read when the next header could not be.
+    if reading is None and _has_image_and_caption(group):
+      yield _tar_example(shard, key, group)
+    offset = reading.offset if reading else tar.offset if tar else 0
+    _count(skipped, 'corrupt_tar', f'{shard} at byte {offset} (after {key}): {type(e).__name__}: {e}')
     return
-  if group:
+  if damaged:
+    if _has_image_and_caption(group):
+      yield _tar_example(shard, key, group)
+    _count(skipped, 'corrupt_tar', f'{shard} at byte {tar.offset} (after {key}): data past the last '
+                                   'readable tar header (damaged or cut short); the rest of the shard is lost')
+  elif group:
     yield _tar_example(shard, key, group)
+
+
+def _holds_data_from(fileobj, offset: int) -> bool:
+  fileobj.seek(offset)
+  while chunk := fileobj.read(1 << 20):
+    if chunk.count(0) < len(chunk):
+      return True
+  return False
+
+
+def _has_image_and_caption(group: dict[str, bytes | None]) -> bool:
+  return any(e in group for e in _IMAGE_EXTENSIONS) and ('txt' in group or 'json' in group)
 
 
 def _tar_example(shard: str, key: str, group: dict[str, bytes | None]) -> dict[str, Any]:

@@ -354,17 +354,31 @@ class ArrayRecordSource:
     index = int(index)
     record = decode_record(self._source[index])
     record['label'] = _relabel(self._label_map, record['label'])
+    # Shards without class names in metadata.json (tar `.cls` labels) store bare integers: as for
+    # a CSV, they must index the run's list, or the loss would read a class that is not there.
+    if self.class_names and not -1 <= record['label'] < len(self.class_names):
+      raise ValueError(f'{self.path}[{index}]: label {record["label"]} is not a class index of the '
+                       f'{len(self.class_names)} class names [0, {len(self.class_names)})')
     record.update(index=index, origin=f'{self.path}[{index}]')
     return record
 
   @property
   def labels(self) -> np.ndarray:
     # Reads every record: only label-consistent poisoning of a prepared set needs it.
-    return np.array([self[i]['label'] for i in range(len(self))], np.int32)
+    return np.array(self._every('label'), np.int32)
 
   @property
   def captions(self) -> list[str]:
-    return [self[i]['caption'] for i in range(len(self))]
+    return self._every('caption')
+
+  def _every(self, field: str) -> list:
+    values = []
+    for i in range(len(self)):
+      try:
+        values.append(self[i][field])
+      except BadRecordError as e:  # at start-up, before the pipeline could skip it: say which record
+        raise BadRecordError(f'{self.path}[{i}]: {e}') from None
+    return values
 
   def __repr__(self) -> str:
     return f'ArrayRecordSource({self.path!r}, {len(self.shards)} shards, {len(self)} records)'
