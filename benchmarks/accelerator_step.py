@@ -10,8 +10,12 @@ then open_clip's step for the same architecture and batch under `torch.autocast(
 the same optimizer (skipped with `--skip-torch` or when open_clip is not importable). Each step
 is timed as the median of `--steps` steps, each synchronised (block_until_ready /
 cuda.synchronize), after `--warmup` untimed ones; MFU = analytic FLOPs per example (flops.py,
-the same count for both frameworks) x examples/s / the measured matmul rate. Peak device memory
-is read from the allocator's statistics. Last line: JSON.
+the same count for both frameworks) x examples/s / the measured matmul rate. Device memory:
+JAX's allocator keeps one peak for the process, which nothing resets, so `jax_peak_gib_so_far`
+after a kernel includes every earlier kernel's (compile and warm-up too): only the first kernel's
+is its own (run one `--attention` value to compare kernels); torch's `peak_gib` is reset after
+its warm-up. With torch in the process, JAX does not preallocate 75% of the device
+(XLA_PYTHON_CLIENT_PREALLOCATE=false) so that torch has room. Last line: JSON.
 """
 
 from __future__ import annotations
@@ -151,6 +155,8 @@ def torch_step(args, compile_model: bool = False):
 
 def main(argv=None):
   args = _parse_args(argv)
+  if not args.skip_torch:  # before JAX starts: leave the device's memory to share with torch
+    os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
   import jax
   from cleanclip_jax import flops, models
   device = jax.devices()[0]
@@ -189,7 +195,8 @@ def main(argv=None):
     report(f'jax_clip_{attention}', clip_seconds, clip_flops)
     stats = device.memory_stats() or {}
     if 'peak_bytes_in_use' in stats:
-      summary[f'jax_clip_{attention}']['peak_gib'] = round(stats['peak_bytes_in_use'] / 2**30, 2)
+      summary[f'jax_clip_{attention}']['jax_peak_gib_so_far'] = round(
+          stats['peak_bytes_in_use'] / 2**30, 2)
       print(f'  peak device memory so far {stats["peak_bytes_in_use"] / 2**30:.2f} GiB', flush=True)
     del run, sync
     if attention == args.cleanclip_attention:

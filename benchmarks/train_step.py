@@ -354,7 +354,8 @@ def main(argv=None):
           f'runs them), MFU {flops.mfu(clip_flops, rate, peak):.3f}; at the {fed} fed {fed_flops / 1e9:.2f} GFLOP/example, MFU '
           f'{flops.mfu(fed_flops, rate, peak):.3f} (executed {executed_flops / 1e9:.2f} GFLOP/example: '
           f'{flops.mfu(executed_flops, rate, peak):.3f} of the peak)')
-    print(f'[{clock} time] jax cleanclip: {clean_time * 1e3:.0f} ms/step, MFU '
+    # At the tokens fed, as the clip line's second figure (not its first, which counts all columns).
+    print(f'[{clock} time] jax cleanclip: {clean_time * 1e3:.0f} ms/step, MFU at the tokens fed '
           f'{flops.mfu(clean_flops, args.batch / clean_time, peak):.3f}, x{clean_time / clip_time:.2f} the clip step time')
     row = {'jax_img_per_s': round(rate, 2), 'mfu': round(flops.mfu(clip_flops, rate, peak), 4),
            'cleanclip_over_clip_time': round(clean_time / clip_time, 3),
