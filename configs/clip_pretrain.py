@@ -12,8 +12,9 @@
 
 Expected results: per the paper (see its tables for the figures), RN50 pretrained on CC3M reaches
 an ImageNet zero-shot top-1 in the high teens to ~20%, and 1,500 BadNet-poisoned pairs give an
-attack success rate close to 100%. `tiny` starts at the chance-level contrastive loss
-ln(64) ~ 4.16 (batch 64); its clean accuracy and ASR after pretraining are what the demo study
+attack success rate close to 100%. `tiny` starts near the chance-level contrastive loss
+ln(64) ~ 4.16 (batch 64; ~4.4-4.5 at the first steps, the initial temperature 1/0.07 spreading
+the random logits); its clean accuracy and ASR after pretraining are what the demo study
 (`python -m cleanclip_jax.demo`) measures and reports. Evaluate any run with `python -m cleanclip_jax.evaluate --config configs/eval.py:tiny --workdir /tmp/tiny`.
 
 Preset arguments (`:preset,key=value,...`): `poison` (plant the backdoor), `num_poisoned`,

@@ -101,7 +101,8 @@ def _poison(config, attack: str, target: str, seed: int, enabled: bool) -> None:
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, preset='pretrain', attack='badnet', target='banana', seed=0,
+  # attack: the demo command's default too, so a stage run by hand plants the default study's trigger.
+  arg = config_lib.parse_arg(arg, preset='pretrain', attack='blended', target='banana', seed=0,
                              fast=False)
   if arg.preset not in STAGES:
     raise ValueError(f'configs/demo.py: unknown stage {arg.preset!r}; use one of {", ".join(STAGES)}')

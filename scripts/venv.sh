@@ -1,4 +1,5 @@
-# Sourced by the README's commands: create or reuse .venv in the repo root and install the project into it.
+# Create or reuse .venv in the repo root and install the project into it: sourced by the README's
+# commands, or run alone (`bash scripts/venv.sh [core|test]`) to set up a machine.
 # A stamp of the requirement files' hash makes a second run skip pip entirely.
 set -euo pipefail
 # Works from the repo root and leaves the caller in its own directory (a relative --workdir stays

@@ -451,7 +451,8 @@ class TfdsSource:
       raise FileNotFoundError(
           f'TFDS dataset {name!r} split {split!r} is not available under {where} '
           f'({type(e).__name__}: {e}); prepare it where there is network access '
-          f'(`tfds build {name} --file_format=array_record`: random access needs ArrayRecord) and copy '
+          f'(`tfds build {name} --file_format=array_record` with tensorflow installed: random access '
+          'needs ArrayRecord) and copy '
           'it there, or set TFDS_DATA_DIR. Nothing is downloaded at run time.') from None
     self.name = name
     self._label_map = label_map(self.class_names, class_names, f'TFDS dataset {name!r}')
