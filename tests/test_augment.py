@@ -1,6 +1,7 @@
 """AutoAugment, EDA, random resized crop and flip."""
 
 import itertools
+import os
 import random
 import string
 import sys
@@ -264,11 +265,17 @@ def test_default_synonyms_detects_once():
 
 
 def test_wordnet_lookup_respects_nltk_data(tmp_path, monkeypatch):
-  monkeypatch.setenv('NLTK_DATA', str(tmp_path))
-  found_before = augment._wordnet_may_be_installed()
-  (tmp_path / 'corpora' / 'wordnet').mkdir(parents=True)
+  # Every per-user and per-environment place NLTK looks is moved into tmp_path, so only the
+  # system-wide folders could hold a corpus, which they do not on the machines the suite runs on.
+  monkeypatch.setenv('NLTK_DATA', str(tmp_path / 'data'))
+  monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+  monkeypatch.setattr(sys, 'prefix', str(tmp_path / 'prefix'))
+  monkeypatch.setattr(sys, 'base_prefix', str(tmp_path / 'base_prefix'))
+  system_wide = any(os.path.exists(f'/usr/{where}/nltk_data/corpora') for where in
+                    ('share', 'local/share', 'lib', 'local/lib'))
+  assert augment._wordnet_may_be_installed() == system_wide
+  (tmp_path / 'data' / 'corpora' / 'wordnet').mkdir(parents=True)
   assert augment._wordnet_may_be_installed()
-  del found_before  # depends on the machine
 
 
 def _write_wordnet(root, words):

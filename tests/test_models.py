@@ -124,6 +124,10 @@ def test_bf16_compute_matches_fp32():
     assert b.dtype == jnp.float32 and np.isfinite(np.asarray(b)).all()
     cosine = np.sum(np.asarray(a) * np.asarray(b), axis=-1)
     assert (cosine > 0.99).all(), cosine
+  # ... and the bf16 model did compute in bf16 (fp32 compute would pass the checks above).
+  hlo = {name: jax.jit(model.apply).lower({'params': params}, images, tokens).as_text()
+         for name, model in (('fp32', fp32), ('bf16', bf16))}
+  assert 'bf16' in hlo['bf16'] and 'bf16' not in hlo['fp32']
 
 
 @pytest.mark.parametrize('name,with_grads', [('tiny-vit', True), ('tiny-rn', False)])
@@ -136,6 +140,10 @@ def test_remat_gives_same_outputs(name, with_grads):
     img, txt, scale = model.apply({'params': p}, images, tokens)
     return jnp.sum(jnp.exp(scale) * img @ txt.T * jnp.eye(2))
 
+  # The remat model does rematerialise (the same outputs alone would not show it).
+  jaxprs = {name: str(jax.make_jaxpr(functools.partial(loss, model))(params))
+            for name, model in (('plain', plain), ('remat', remat))}
+  assert 'remat' in jaxprs['remat'] and 'remat' not in jaxprs['plain']  # jax.checkpoint's primitive
   if not with_grads:  # compiling the ResNet backward pass twice costs more than it tests
     np.testing.assert_allclose(jax.jit(loss, static_argnums=0)(remat, params),
                                jax.jit(loss, static_argnums=0)(plain, params), rtol=1e-6)
