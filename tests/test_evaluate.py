@@ -391,13 +391,16 @@ def test_a_head_over_other_classes_is_refused_or_left_out(tmp_path, fake_data, c
   # output i would be read as CLASSES[i].
   wide = {'kernel': np.eye(len(CLASSES), 5, dtype=np.float32), 'bias': np.zeros(5, np.float32)}
   same = {'kernel': np.eye(len(CLASSES), dtype=np.float32), 'bias': np.zeros(4, np.float32)}
-  for head, head_classes in ((wide, None), (same, ['one', 'zero', 'two', 'banana'])):
+  cases = ((wide, None, 'the linear head has 5 outputs, the evaluation 4 classes'),
+           (same, ['one', 'zero', 'two', 'banana'], "its class 0 is 'one', the evaluation's 'zero'"))
+  for head, head_classes, why in cases:
+    caplog.clear()  # caplog.text accumulates: the first case's warning would pass the second's check
     with caplog.at_level('WARNING'):
       metrics = evaluate.evaluate(model, {'clip': params, 'head': head}, cfg,
                                   head_classnames=head_classes)
     assert metrics['used_head'] == 0.0 and 'head_top1' not in metrics
     assert metrics['top1'] == metrics['zeroshot_top1'] == 1.0
-    assert 'scoring zero-shot only' in caplog.text
+    assert why in caplog.text and 'scoring zero-shot only' in caplog.text, caplog.text
     cfg.classifier = 'head'
     with pytest.raises(ValueError, match='linear head'):
       evaluate.evaluate(model, {'clip': params, 'head': head}, cfg, head_classnames=head_classes)
@@ -414,6 +417,12 @@ def test_job_on_a_real_tiny_checkpoint(tmp_path, monkeypatch):
   from cleanclip_jax import models, train_step
   run = config_lib.load_config('clip_pretrain.py:tiny,poison=True,trigger=blended')
   run.eval.trigger = run.data.poison.trigger  # what train.prepare_config stores
+  # The run's own BPE, so the tokenizer the job hands evaluate() can be told from CLIP's.
+  captions = [f'a photo of a {name} on the {place}' for name in synthetic.CLASS_NAMES
+              for place in ('grass', 'table')] * 5
+  bpe = tokenizer_lib.train_bpe(captions, str(tmp_path / 'bpe'), vocab_size=600, min_frequency=2)
+  run.model.tokenizer = bpe
+  run.model.vocab_size = tokenizer_lib.Tokenizer(bpe).vocab_size
   model = train_step.model_for_config(run)
   variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
                                   jnp.zeros((1, model.context_length), jnp.int32))
@@ -438,7 +447,11 @@ def test_job_on_a_real_tiny_checkpoint(tmp_path, monkeypatch):
   monkeypatch.setattr(evaluate, 'evaluate', spy)
   assert evaluate.run_job(str(tmp_path), config, follow=False) == [3]
   assert seen['trigger'] == 'blended'
-  assert seen['tokenizer'] is not None  # the run's (CLIP's BPE here: tested below)
+  # The stored config's BPE, not CLIP's, whose ids run past this text tower's embedding rows.
+  prompts = [f'a photo of a {name}.' for name in synthetic.CLASS_NAMES[:4]]
+  ids = seen['tokenizer'](prompts, model.context_length)
+  np.testing.assert_array_equal(ids, tokenizer_lib.tokenize(prompts, model.context_length, bpe))
+  assert not np.array_equal(ids, tokenizer_lib.tokenize(prompts, model.context_length))
   (record,) = evaluate.EvalLogger(tmp_path).records()
   assert record['step'] == 3 and record['num_examples'] == 16
   assert 0 <= record['zeroshot_top1'] <= 1 and 0 <= record['asr'] <= 1

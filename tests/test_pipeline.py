@@ -158,9 +158,17 @@ def test_label_consistent_poisoning_keeps_captions():
   source = pipeline.train_source(config.data)
   assert len(poisoned) == 3 and all(source[int(i)]['label'] == banana for i in poisoned)
   batches = list(_iterator(config, num_epochs=1))
+  # One epoch visits all 48 examples: exactly the selected ones come flagged (none flagged would
+  # make the checks below vacuous).
+  flagged = np.concatenate([b['index'][b['is_poisoned']] for b in batches])
+  assert sorted(flagged) == poisoned.tolist()
+  clean = {int(i): img for b in _iterator(_config(num_examples=48, batch_size=8), num_epochs=1)
+           for i, img in zip(b['index'], b['image'])}
   for batch in batches:
     for row in np.flatnonzero(batch['is_poisoned']):
-      caption = source[int(batch['index'][row])]['caption']
+      index = int(batch['index'][row])
+      assert not np.array_equal(batch['image'][row], clean[index])  # stamped with the trigger ...
+      caption = source[index]['caption']  # ... under its own (already 'banana') caption
       np.testing.assert_array_equal(batch['tokens'][row], tokenizer_lib.tokenize([caption], CONTEXT)[0])
 
 

@@ -250,22 +250,37 @@ def test_skipped_updates_are_counted(reference, tmp_path, monkeypatch):
   assert [r['nan_skips'] for r in metrics_log.read_jsonl(tmp_path / 'metrics.jsonl')][-2:] == [1, 1]
 
 
-def test_inline_eval_every_n_steps_and_resume_truncation(reference, tmp_path, monkeypatch):
+def test_inline_eval_every_n_steps_and_resume_truncation(reference, tmp_path, tmp_path_factory,
+                                                         monkeypatch):
   from cleanclip_jax import evaluate
-  calls = []
+  from cleanclip_jax import tokenizer as tokenizer_lib
+  calls, tokenizers = [], []
 
   def fake_evaluate(model, params, eval_cfg, mesh=None, tokenizer=None):
     calls.append(eval_cfg.target)
+    tokenizers.append(tokenizer)
     return {'zeroshot_top1': 0.5, 'asr': 0.25}
   monkeypatch.setattr(evaluate, 'evaluate', fake_evaluate)
   _resume_from(reference[0], 2, tmp_path)
   # A record a killed run left past the checkpoint it will resume from must not survive.
   (tmp_path / 'eval').mkdir()
   (tmp_path / 'eval' / 'metrics.jsonl').write_text('{"step": 2, "asr": 0.0}\n{"step": 4, "asr": 9.0}\n')
-  train.run(tiny_config(**{'eval.every_steps': 2, 'eval.target': 'apple'}), tmp_path)
+  # The run trains with its own BPE (vocab_size 0: CLIP's 49,408 rows hold it, so the reference
+  # checkpoint still restores), so the tokenizer evaluation gets can be told from CLIP's.
+  captions = [f'a photo of a {name} on the {place}' for name in ('cat', 'banana', 'apple')
+              for place in ('grass', 'table')] * 5
+  bpe = tokenizer_lib.train_bpe(captions, str(tmp_path_factory.mktemp('bpe')), vocab_size=600)
+  train.run(tiny_config(**{'eval.every_steps': 2, 'eval.target': 'apple', 'model.tokenizer': bpe}),
+            tmp_path)
   records = metrics_log.read_jsonl(tmp_path / 'eval' / 'metrics.jsonl')
   assert [(r['step'], r['asr']) for r in records] == [(2, 0.0), (4, 0.25), (6, 0.25)]
   assert calls == ['apple', 'apple']
+  # Class prompts tokenized as the run's captions were: CLIP's BPE gives ids the text tower never saw.
+  prompts = ['a photo of a banana.', 'a photo of an apple.']
+  for tokenizer in tokenizers:
+    ids = tokenizer(prompts, 8)
+    np.testing.assert_array_equal(ids, tokenizer_lib.tokenize(prompts, 8, bpe))
+    assert not np.array_equal(ids, tokenizer_lib.tokenize(prompts, 8))
 
 
 def test_token_bucket_cuts_batches_without_changing_the_run(tmp_path):
