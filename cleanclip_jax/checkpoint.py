@@ -17,6 +17,7 @@ step number are not blocked by it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
@@ -119,14 +120,17 @@ def write_manifest(step_dir: epath.PathLike) -> None:
 def verify(step_dir: epath.PathLike, checksums: bool = True) -> list[str]:
   """Problems found in a committed step directory against its manifest; [] when intact.
 
-  With `checksums=False` only presence and sizes are compared (cheap enough for listing).
+  With `checksums=False` only presence and sizes are compared (cheap enough for listing). A file
+  that is not there is a problem (damage, or retention deleting the step meanwhile); any other
+  `OSError` (EIO, ESTALE, EACCES: the storage, not the checkpoint) is raised, so that nobody
+  takes an intact checkpoint for a damaged one.
   """
   step_dir = epath.Path(step_dir)
   manifest_path = step_dir / MANIFEST_NAME
-  if not manifest_path.exists():
-    return [f'{manifest_path.name} is missing (the save never reached its commit)']
   try:
     expected = json.loads(manifest_path.read_text())['files']
+  except FileNotFoundError:
+    return [f'{manifest_path.name} is missing (the save never reached its commit)']
   except (ValueError, KeyError) as e:
     return [f'{manifest_path.name} is unreadable: {e}']
   problems = []
@@ -136,7 +140,7 @@ def verify(step_dir: epath.PathLike, checksums: bool = True) -> list[str]:
     else:
       actual = {name: [(step_dir / name).stat().length, None] for name in expected
                 if (step_dir / name).exists()}
-  except OSError as e:  # e.g. another process moved the directory away meanwhile
+  except FileNotFoundError as e:  # e.g. retention or another process removed it meanwhile
     return [f'unreadable: {e}']
   for name, (size, crc) in expected.items():
     if name not in actual:
@@ -163,10 +167,18 @@ def uncommitted_dirs(path_or_workdir: epath.PathLike) -> list[epath.Path]:
 def committed_steps(path_or_workdir: epath.PathLike) -> list[int]:
   """Steps with a committed checkpoint whose files are all present at their recorded sizes.
 
-  Never lists a half-written checkpoint; full checksums are left to restore (`verify`).
+  Never lists a half-written checkpoint; full checksums are left to restore (`verify`). A step
+  that cannot be read now (an I/O error) is left out of this listing, with a warning.
   """
   root = checkpoint_root(path_or_workdir)
-  return [s for s in _finalized_steps(root) if not verify(root / str(s), checksums=False)]
+  steps = []
+  for step in _finalized_steps(root):
+    try:
+      if not verify(root / str(step), checksums=False):
+        steps.append(step)
+    except OSError as e:
+      logging.warning('Not listing checkpoint %s: %s: %s', root / str(step), type(e).__name__, e)
+  return steps
 
 
 # ----------------------------------------------------------------------------- params-only restore
@@ -180,13 +192,26 @@ def _intact_steps_newest_first(root: epath.Path, step: int | None) -> Iterable[i
     if not step_dir.exists():
       raise NoCheckpointError(f'no committed checkpoint of step {candidate} in {root} '
                               f'(committed: {committed_steps(root)})')
-    problems = verify(step_dir)
+    try:
+      problems = verify(step_dir)
+    except OSError as e:  # the storage failed, not the checkpoint: never the one asked for
+      if step is not None:
+        raise
+      problems = [f'cannot be read now: {type(e).__name__}: {e}']
     if problems:
       if step is not None:
         raise NoCheckpointError(f'checkpoint {step_dir} is damaged: ' + '; '.join(problems))
       logging.warning('Skipping checkpoint %s: %s', step_dir, '; '.join(problems))
       continue
     yield candidate
+
+
+def newest_intact_step(path_or_workdir: epath.PathLike) -> int:
+  """The step `restore_params` / `load_config` read when given none (a step directory: its own)."""
+  root, step = _resolve(path_or_workdir, None)
+  for candidate in _intact_steps_newest_first(root, step):
+    return candidate
+  raise NoCheckpointError(f'no committed, intact checkpoint in {root}')
 
 
 def restore_params(path_or_workdir: epath.PathLike, step: int | None = None,
@@ -222,6 +247,49 @@ def restore_params(path_or_workdir: epath.PathLike, step: int | None = None,
     return restored['params']
   raise NoCheckpointError(f'no committed, intact checkpoint in {root}'
                           + (f' (failed: {errors})' if errors else ''))
+
+
+def agreed_step_dir(path_or_workdir: epath.PathLike) -> str:
+  """The directory of the checkpoint `restore_params` / `load_config` would read from
+  `path_or_workdir` (its newest intact step), chosen by process 0 for every process: a run still
+  saving could otherwise hand each host another step, and the config and the params could come
+  from different ones. Raises `NoCheckpointError` on every process when there is none."""
+  step = -1
+  if jax.process_index() == 0:
+    with contextlib.suppress(NoCheckpointError):
+      step = newest_intact_step(path_or_workdir)
+  (step,) = _from_process_0(step)
+  root, _ = _resolve(path_or_workdir, None)
+  if step < 0:
+    raise NoCheckpointError(f'no committed, intact checkpoint in {root}')
+  return os.fspath(root / str(step))
+
+
+# What makes a run that run: a checkpoint written with other values is another run's, not this
+# one's to resume (total_steps, logging, evaluation or data paths may change on a resume).
+IDENTITY_KEYS = ('objective.name', 'model.name', 'seed', 'data.poison.enabled',
+                 'data.poison.num_poisoned', 'data.poison.target', 'data.poison.trigger.kind')
+
+
+def config_changes(step_dir: epath.PathLike, config: ml_collections.ConfigDict) -> list[str]:
+  """`IDENTITY_KEYS` whose value in the config saved in `step_dir` differs from `config`'s, as
+  'key: checkpoint X, this run Y' lines ([] also when the saved config cannot be read: the
+  array check and the restore judge then)."""
+  try:
+    stored = json.loads((epath.Path(step_dir) / 'config' / 'metadata').read_text())
+  except (OSError, ValueError):
+    return []
+  wanted = json.loads(config.to_json())
+  changes = []
+  for key in IDENTITY_KEYS:
+    values = []
+    for tree in (stored, wanted):
+      for part in key.split('.'):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+      values.append(tree)
+    if values[0] != values[1]:
+      changes.append(f'{key}: checkpoint {values[0]!r}, this run {values[1]!r}')
+  return changes
 
 
 def load_config(path_or_workdir: epath.PathLike, step: int | None = None) -> ml_collections.ConfigDict:
@@ -266,9 +334,11 @@ def state_mismatches(state_dir: epath.PathLike, abstract_state: Any, limit: int 
   return problems
 
 
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
+def _from_process_0(*values: int) -> tuple[int, ...]:
+  """Process 0's integers on every process (a collective: all processes must call it)."""
+  if jax.process_count() == 1:
+    return values
+  return tuple(int(v) for v in multihost_utils.broadcast_one_to_all(np.asarray(values, np.int64)))
 
 
 def _is_disk_full(error: BaseException) -> bool:
@@ -366,24 +436,57 @@ class Checkpointer:
 
   def _reject(self, step: int, reason: str) -> None:
     logging.warning('Skipping checkpoint %s: %s', self.root / str(step), reason)
-    if jax.process_index() == 0:
-      destination = self.workdir / REJECTED_SUBDIR / f'{step}-{int(time.time())}'
-      destination.parent.mkdir(parents=True, exist_ok=True)
-      (self.root / str(step)).rename(destination)
-      logging.warning('Moved it to %s so the run can write step %d again.', destination, step)
-    _sync(f'cleanclip_reject_{step}')
-    self._manager.reload()
+    destination = self.workdir / REJECTED_SUBDIR / f'{step}-{int(time.time())}'
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    (self.root / str(step)).rename(destination)
+    logging.warning('Moved it to %s so the run can write step %d again.', destination, step)
 
-  def restore_latest(self, abstract_state: Any, data_iterator: Any) -> tuple[int, Any] | None:
+  def _choose_step(self) -> int | None:
+    """The newest intact step, chosen by process 0 for every process (each one listing and
+    checksumming on its own could pick another step on a lagging filesystem, and wait at a
+    different barrier); damaged newer ones are moved aside on the way."""
+    chosen, failed, rejected = -1, 0, 0
+    if jax.process_index() == 0:
+      try:
+        for step in reversed(_finalized_steps(self.root)):
+          try:
+            problems = verify(self.root / str(step))
+          except OSError as e:
+            # Not damage: a good checkpoint stays where it is (and nothing older is taken).
+            raise CheckpointRestoreError(
+                f'reading checkpoint {self.root / str(step)} failed: {type(e).__name__}: {e}. '
+                'The checkpoint is left in place; fix the storage and rerun.') from e
+          if problems:
+            self._reject(step, '; '.join(problems))
+            rejected += 1
+            continue
+          chosen = step
+          break
+      except Exception:  # pylint: disable=broad-except
+        _from_process_0(-1, 1, rejected)  # the other processes stop too, not wait forever
+        raise
+    chosen, failed, rejected = _from_process_0(chosen, failed, rejected)
+    if failed:
+      raise CheckpointRestoreError(f'process 0 could not choose a checkpoint in {self.root} '
+                                   '(its log has the cause)')
+    if rejected:
+      self._manager.reload()
+    return None if chosen < 0 else chosen
+
+  def restore_latest(self, abstract_state: Any, data_iterator: Any,
+                     config: ml_collections.ConfigDict | None = None) -> tuple[int, Any] | None:
     """Restores the newest intact checkpoint into `data_iterator` and onto `abstract_state`'s shardings.
 
-    Returns (step, state), or None when there is nothing to resume from.
+    Returns (step, state), or None when there is nothing to resume from. Given the run's
+    `config`, a checkpoint written under another objective, model, seed or poisoning (a finetune
+    pointed at its pretraining run's workdir) is refused, as one with other arrays is.
     """
-    for step in reversed(_finalized_steps(self.root)):
-      problems = verify(self.root / str(step))
-      if problems:
-        self._reject(step, '; '.join(problems))
-        continue
+    step = self._choose_step()
+    if step is not None:
+      if config is not None:
+        changed = config_changes(self.root / str(step), config)
+        if changed:
+          raise self._mismatch(step, 'written by another run: ' + '; '.join(changed))
       # Every file matched its manifest, so the checkpoint is intact; if it does not fit this
       # run's state (another model or objective in the same workdir), moving it aside would
       # discard good work: stop and say so instead.

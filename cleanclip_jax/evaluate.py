@@ -634,6 +634,38 @@ def training_finished(workdir: str | pathlib.Path) -> bool:
   return (pathlib.Path(workdir) / 'summary.json').exists()
 
 
+def _last_checkpoint_step(workdir: str | pathlib.Path) -> int | None:
+  """The finished run's last checkpoint (its summary.json), None when it does not say."""
+  try:
+    step = json.loads((pathlib.Path(workdir) / 'summary.json').read_text()).get('last_checkpoint_step')
+  except (OSError, ValueError):
+    return None
+  return int(step) if isinstance(step, int) else None
+
+
+def _step_is_going(step_dir: pathlib.Path, recheck_seconds: float = 0.0) -> bool:
+  """After a failed read: whether the step is gone or losing files (the trainer's retention
+  deletes a step file by file, its folder last), rather than a whole checkpoint that failed; a
+  step still whole is looked at again after `recheck_seconds` (retention may have just begun)."""
+  from cleanclip_jax import checkpoint
+
+  def going() -> bool:
+    if not step_dir.exists():
+      return True
+    try:
+      problems = checkpoint.verify(step_dir, checksums=False)
+    except OSError:
+      return False
+    return any('missing' in problem or 'unreadable' in problem for problem in problems)
+
+  if going():
+    return True
+  if recheck_seconds > 0:
+    time.sleep(recheck_seconds)
+    return going()
+  return False
+
+
 def run_job(workdir: str, config, *, follow: bool = False, step: int | None = None,
             timeout: float = 3600.0, poll_seconds: float = 30.0, force: bool = False,
             evaluate_fn: Callable[[str, int], dict] | None = None) -> list[int]:
@@ -655,14 +687,20 @@ def run_job(workdir: str, config, *, follow: bool = False, step: int | None = No
   def run_one(step: int) -> None:
     log.info('Evaluating step %d of %s', step, workdir)
     metrics = evaluate_fn(workdir, step)
-    logger.write(step, metrics)
+    failure = None
+    try:
+      logger.write(step, metrics)  # process 0 writes: a full disk there must stop every process
+    except Exception as e:  # pylint: disable=broad-except
+      failure = e
+    if not _all_processes_ok(failure is None):
+      raise failure or RuntimeError(f'step {step}: process 0 could not record the evaluation')
     done.add(step)
     evaluated.append(step)
     log.info('step %d: %s', step, _summary_line(metrics))
 
   try:
     if not follow:
-      steps = _agree(checkpoint.committed_steps(workdir))
+      steps = _agree(lambda: checkpoint.committed_steps(workdir))
       if step is None and not steps:
         raise checkpoint.NoCheckpointError(f'no committed checkpoint in {workdir}/checkpoints')
       step = steps[-1] if step is None else int(step)
@@ -679,8 +717,8 @@ def run_job(workdir: str, config, *, follow: bool = False, step: int | None = No
     while True:
       # Read the finished flag *before* listing: every checkpoint committed before summary.json
       # was written is then in this listing, so nothing is left behind when the loop ends.
-      finished = _agree(training_finished(workdir))
-      pending = _agree([s for s in checkpoint.committed_steps(workdir) if s not in done])
+      finished = _agree(lambda: training_finished(workdir))
+      pending = _agree(lambda: [s for s in checkpoint.committed_steps(workdir) if s not in done])
       for step in pending:
         try:
           run_one(step)
@@ -689,8 +727,10 @@ def run_job(workdir: str, config, *, follow: bool = False, step: int | None = No
           # then fails in one of several ways (NoCheckpointError, FileNotFoundError, ...): a step
           # whose directory is gone was deleted; one still there that fails its integrity check is
           # damaged; anything else is a real error.
-          # Process 0's view decides, so every process skips (or stops) alike.
-          if _agree(not (checkpoint.checkpoint_root(workdir) / str(step)).exists()):
+          # Process 0's view decides, so every process skips (or stops) alike. A step still whole
+          # is looked at again a moment later: retention may have just begun deleting it.
+          step_dir = pathlib.Path(checkpoint.checkpoint_root(workdir)) / str(step)
+          if _agree(functools.partial(_step_is_going, step_dir, recheck_seconds=2.0)):
             log.warning('step %d was deleted (the trainer\'s keep_checkpoints) before it could be '
                         'evaluated (%s: %s); skipping it. Set --config.keep_checkpoints higher to '
                         'evaluate every step.', step, type(e).__name__, e)
@@ -701,8 +741,14 @@ def run_job(workdir: str, config, *, follow: bool = False, step: int | None = No
           done.add(step)
         idle_since = time.time()
       if finished:
-        log.info('Training has finished (%s); evaluated steps %s', 'summary.json', evaluated)
-        return evaluated
+        # On a filesystem that shows summary.json before the listing shows the last step (NFS,
+        # gcsfuse caches), keep polling until that step is done.
+        last = _agree(lambda: _last_checkpoint_step(workdir))
+        if last is None or last in done:
+          log.info('Training has finished (%s); evaluated steps %s', 'summary.json', evaluated)
+          return evaluated
+        log.info('summary.json names step %d as the last checkpoint; waiting for it to be listed',
+                 last)
       if timeout and time.time() - idle_since > timeout:
         log.warning('No new checkpoint in %s for %.0f s and no summary.json: stopping (--timeout).',
                     workdir, timeout)
@@ -721,10 +767,21 @@ def _all_processes_ok(ok: bool) -> bool:
 
 
 def _agree(value):
-  """Process 0's view of the filesystem, so every process evaluates the same steps."""
+  """Process 0's view of the filesystem, so every process evaluates the same steps. A callable
+  is called on process 0 only (no other process reads the filesystem for it); an error there is
+  raised on every process, not left to hang the others."""
   if jax.process_count() == 1:
-    return value
+    return value() if callable(value) else value
   from jax.experimental import multihost_utils
+  if callable(value):
+    failure = None
+    if jax.process_index() == 0:
+      try:
+        value = value()
+      except Exception as e:  # pylint: disable=broad-except
+        failure, value = e, None
+    if not _all_processes_ok(failure is None):
+      raise failure or RuntimeError('process 0 failed reading the workdir (its log has the cause)')
   text = json.dumps(value).encode() if jax.process_index() == 0 else b''
   length = int(multihost_utils.broadcast_one_to_all(np.int32(len(text))))
   buffer = np.zeros(length, np.uint8)

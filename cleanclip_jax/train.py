@@ -140,6 +140,13 @@ def prepare_config(config: ml_collections.ConfigDict, num_devices: int) -> ml_co
       logging.warning('data.poison with data.train_transform=random_resized_crop: the crop comes '
                       'after the trigger and can cut or rescale it in training, while evaluation '
                       'stamps it on the whole image')
+    if config.init_checkpoint:
+      # One step, the same on every host, for the params and the inherited backdoor alike (and
+      # the stored config says which step it was).
+      try:
+        config.init_checkpoint = checkpoint.agreed_step_dir(config.init_checkpoint)
+      except checkpoint.NoCheckpointError as e:
+        raise config_lib.ConfigError(f'init_checkpoint={config.init_checkpoint!r}: {e}') from None
     if config.data.poison.enabled:
       # ASR is measured with the backdoor this run plants (and the stored config says which).
       config.eval.trigger = config.data.poison.trigger.copy_and_resolve_references()
@@ -366,7 +373,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
   writer = eval_logger = progress = None
   try:
     abstract_state, state_shardings = train_step.abstract_train_state(config, model, mesh)
-    restored = ckpt.restore_latest(abstract_state, data_iterator)
+    restored = ckpt.restore_latest(abstract_state, data_iterator, config)
     if restored is not None:
       start_step, state = restored
     else:
@@ -573,7 +580,8 @@ def main(argv: list[str]) -> None:
     logging.error('Config error: %s', e)
     print(f'Config error: {e}', file=sys.stderr)
     sys.exit(2)
-  except (NonFiniteLossError, checkpoint.CheckpointSaveError) as e:
+  except (NonFiniteLossError, checkpoint.CheckpointSaveError, checkpoint.CheckpointMismatchError,
+          checkpoint.CheckpointRestoreError) as e:
     logging.error('%s', e)
     print(f'Training stopped: {e}', file=sys.stderr)
     sys.exit(1)

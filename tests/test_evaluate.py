@@ -328,6 +328,43 @@ def test_follow_skips_deleted_and_damaged_steps_but_not_real_errors(tmp_path, ca
     evaluate.run_job(str(tmp_path), config, follow=True, timeout=0, evaluate_fn=broken)
 
 
+def test_follow_skips_a_step_retention_is_deleting_file_by_file(tmp_path, caplog):
+  # orbax deletes a step's files first and its folder last; a read in between fails with orbax's
+  # own error (a ValueError) while the folder is still there.
+  config = config_lib.base_config()
+  for step in (2, 4):
+    _commit(tmp_path, step)
+  (tmp_path / 'summary.json').write_text('{}')
+
+  class Racing(FakeEvaluator):
+    def __call__(self, workdir, step):
+      if step == 2:
+        (self.workdir / 'checkpoints' / '2' / 'state' / 'data').unlink()
+        raise ValueError('FAILED_PRECONDITION: Error reading "params.text..." in OCDBT database')
+      return super().__call__(workdir, step)
+
+  assert evaluate.run_job(str(tmp_path), config, follow=True, timeout=0,
+                          evaluate_fn=Racing(tmp_path)) == [4]
+  assert 'step 2 was deleted' in caplog.text
+
+
+def test_follow_waits_for_the_last_checkpoint_summary_json_names(tmp_path, monkeypatch):
+  # A filesystem that shows summary.json before the listing shows the last step (NFS, gcsfuse):
+  # the follower must not stop after step 2.
+  config = config_lib.base_config()
+  _commit(tmp_path, 2)
+  (tmp_path / 'summary.json').write_text(json.dumps({'last_checkpoint_step': 4}))
+  fake = FakeEvaluator(tmp_path)
+  listings = []
+  committed = checkpoint.committed_steps
+  monkeypatch.setattr(checkpoint, 'committed_steps', lambda w: listings.append(1) or committed(w))
+  assert evaluate.run_job(str(tmp_path), config, follow=True, timeout=0.5, poll_seconds=0.1,
+                          evaluate_fn=fake) == [2]
+  assert len(listings) > 2  # it kept looking for step 4 (until --timeout)
+  _commit(tmp_path, 4)
+  assert evaluate.run_job(str(tmp_path), config, follow=True, timeout=0, evaluate_fn=fake) == [4]
+
+
 def test_single_evaluation_latest_or_given_step(tmp_path):
   config = config_lib.base_config()
   with pytest.raises(checkpoint.NoCheckpointError):

@@ -63,6 +63,32 @@ def test_two_processes_match_one_process(tmp_path, pack):
                 if p.suffix == '.json') == ['process_0-of-2.json', 'process_1-of-2.json']
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                checkpoint.restore_params(multi), checkpoint.restore_params(single))
+  if pack:
+    _damaged_resume_and_evaluation(multi, train + train_args)
+
+
+def _damaged_resume_and_evaluation(workdir, train_command):
+  """Process 0 alone picks the step to resume (moving a damaged newer one aside) and every process
+  restores it; then the evaluation job follows the run on two processes."""
+  trace = _trace(workdir)
+  metadata = workdir / 'checkpoints' / '4' / 'state' / '_METADATA'
+  metadata.write_bytes(metadata.read_bytes()[:-10])
+  (workdir / 'summary.json').unlink()  # the run must train steps 3-4 again
+  launch = [sys.executable, LAUNCHER, '--num_processes', '2', '--devices_per_process', '4', '--']
+  again = subprocess.run(launch + train_command + ['--workdir', str(workdir)], cwd=REPO,
+                         capture_output=True, text=True, env=_env(), timeout=600)
+  assert again.returncode == 0, again.stdout[-3000:]
+  for rank in (0, 1):
+    assert f'[rank {rank}]' in again.stdout and 'Resuming at step 2 of 4' in again.stdout
+  assert [p.name.split('-')[0] for p in (workdir / 'checkpoints_rejected').iterdir()] == ['4']
+  np.testing.assert_allclose([l for _, l in _trace(workdir)], [l for _, l in trace], rtol=1e-6)
+  evaluation = subprocess.run(
+      launch + [sys.executable, '-m', 'cleanclip_jax.evaluate', '--config',
+                'configs/eval.py:tiny,num_examples=16,batch_size=16', '--config.eval.linear_probe=False',
+                '--config.eval.retrieval=False', '--workdir', str(workdir), '--follow', '--timeout', '60'],
+      cwd=REPO, capture_output=True, text=True, env=_env(), timeout=600)
+  assert evaluation.returncode == 0, evaluation.stdout[-3000:]
+  assert [r['step'] for r in metrics_log.read_jsonl(workdir / 'eval' / 'metrics.jsonl')] == [2, 4]
 
 
 def test_launcher_stops_everyone_when_one_rank_fails():

@@ -1,5 +1,6 @@
 """The training loop in-process (8 emulated devices): logging, checkpoints, exact resume, NaN policy."""
 
+import errno
 import json
 import os
 import shutil
@@ -157,6 +158,39 @@ def test_preemption_sync_point_counts_checks_not_steps(monkeypatch):
   assert asked == [1, 2]
 
 
+def test_a_workdir_of_another_objective_is_refused(reference, tmp_path):
+  # A finetune given its pretraining run's workdir by mistake: the train states have the same
+  # arrays, so only the stored config tells them apart (it returned the pretraining's summary).
+  ref_dir, _ = reference
+  workdir = tmp_path / 'copy'
+  shutil.copytree(ref_dir, workdir)
+  finetune = tiny_config(**{'objective.name': 'cleanclip', 'data.inmodal_views': True})
+  with pytest.raises(checkpoint.CheckpointMismatchError, match="objective.name: checkpoint 'clip'"):
+    train.run(finetune, workdir)
+  assert checkpoint.committed_steps(workdir) == [2, 4, 6]  # nothing moved aside
+
+
+def test_an_io_error_is_not_damage(reference, tmp_path, monkeypatch):
+  # EIO while checksumming the newest step: the storage failed, not the checkpoint, so it must
+  # stay in place (and no older step be resumed instead).
+  ref_dir, _ = reference
+  workdir = tmp_path / 'copy'
+  shutil.copytree(ref_dir, workdir)
+  (workdir / 'summary.json').unlink()
+  digests = checkpoint._file_digests
+
+  def failing(step_dir):
+    if step_dir.name == '6':
+      raise OSError(errno.EIO, 'Input/output error', str(step_dir))
+    return digests(step_dir)
+
+  monkeypatch.setattr(checkpoint, '_file_digests', failing)
+  with pytest.raises(checkpoint.CheckpointRestoreError, match='left in place'):
+    train.run(tiny_config(), workdir)
+  assert checkpoint.committed_steps(workdir) == [2, 4, 6]
+  assert not (workdir / checkpoint.REJECTED_SUBDIR).exists()
+
+
 def test_rerun_of_finished_run_resumes_without_training(reference, tmp_path):
   ref_dir, _ = reference
   stored = (ref_dir / 'summary.json').read_text()
@@ -187,6 +221,8 @@ def test_finetune_measures_asr_with_its_init_checkpoints_backdoor(reference, tmp
       'data.poison.enabled': False, 'eval.trigger.kind': 'sig', 'eval.target': 'apple'})
   assert planted.trigger.kind != 'sig' and planted.target != 'apple'
   resolved = train.prepare_config(finetune, jax.device_count())
+  # The init checkpoint is pinned to the step read (the same one for params and backdoor).
+  assert resolved.init_checkpoint == str(ref_dir / 'checkpoints' / str(TOTAL))
   assert resolved.eval.trigger.to_dict() == planted.trigger.to_dict()
   assert resolved.eval.target == planted.target
   finetune.eval.trigger_from_run = False  # this config's own trigger, on request
