@@ -20,6 +20,7 @@ import functools
 import json
 import logging
 import math
+import os
 import pathlib
 import sys
 import time
@@ -183,6 +184,12 @@ def encode_dataset(encoders: Encoders, eval_cfg, trigger: Callable | None = None
     raise ValueError(f'eval: the {eval_cfg.source!r} dataset (split {eval_cfg.split!r}, path '
                      f'{eval_cfg.path!r}) yielded no images')
   keep = np.concatenate(valid).astype(bool)
+  if not keep.any():
+    # Every image was skipped (logged above): the metrics over none would be NaN and the step
+    # recorded as evaluated. `keep` is the global batch's, so every process raises alike.
+    raise ValueError(f'eval: no usable image in the {eval_cfg.source!r} dataset (split '
+                     f'{eval_cfg.split!r}, path {eval_cfg.path!r}): all were skipped (see the '
+                     'skip warnings above); check the image paths and files it names')
   return Features(
       clean=np.concatenate(clean)[keep], labels=np.concatenate(labels)[keep].astype(np.int64),
       indices=np.concatenate(indices)[keep].astype(np.int64),
@@ -681,12 +688,17 @@ def run_job(workdir: str, config, *, follow: bool = False, step: int | None = No
     mesh = _mesh_from_config(config)
     evaluate_fn = lambda workdir, step: evaluate_checkpoint(workdir, step, config, mesh)
   logger = EvalLogger(workdir)
+  if not _agree(functools.partial(_writable, logger.dir)):
+    # Before any checkpoint is read: an ImageNet pass whose result cannot be recorded is lost.
+    raise PermissionError(f'{logger.dir} cannot be created or written: the evaluation could not '
+                          'be recorded (a read-only workdir?)')
   done = set(_agree(sorted(logger.done_steps())))
   evaluated: list[int] = []
 
   def run_one(step: int) -> None:
     log.info('Evaluating step %d of %s', step, workdir)
     metrics = evaluate_fn(workdir, step)
+    log.info('step %d: %s', step, _summary_line(metrics))  # in the log even if recording fails
     failure = None
     try:
       logger.write(step, metrics)  # process 0 writes: a full disk there must stop every process
@@ -696,7 +708,6 @@ def run_job(workdir: str, config, *, follow: bool = False, step: int | None = No
       raise failure or RuntimeError(f'step {step}: process 0 could not record the evaluation')
     done.add(step)
     evaluated.append(step)
-    log.info('step %d: %s', step, _summary_line(metrics))
 
   try:
     if not follow:
@@ -758,6 +769,14 @@ def run_job(workdir: str, config, *, follow: bool = False, step: int | None = No
     logger.close()
 
 
+def _writable(directory: pathlib.Path) -> bool:
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+  except OSError:
+    return False
+  return os.access(directory, os.W_OK)
+
+
 def _all_processes_ok(ok: bool) -> bool:
   """True when `ok` holds on every process (a collective: all processes must call it)."""
   if jax.process_count() == 1:
@@ -800,6 +819,28 @@ def _summary_line(metrics: dict) -> str:
                   if isinstance(metrics.get(key), float))
 
 
+def checkpoint_errors() -> tuple[type, ...]:
+  from cleanclip_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from cleanclip_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  return (checkpoint.NoCheckpointError, checkpoint.CheckpointRestoreError, pipeline.BadInputError)
+
+
+def _run_directory(workdir: str) -> str:
+  """The run's folder for --workdir, which may also name its checkpoints/ folder (as
+  init_checkpoint may); a missing folder or one step's folder is a usage error."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(workdir).resolve() if workdir else None
+  if path is None or not path.is_dir():
+    raise app.UsageError(f'--workdir {workdir!r} is not a directory (give a training run\'s folder)')
+  if path.name.isdigit() and path.parent.name == 'checkpoints':
+    raise app.UsageError(f'--workdir {workdir} is one checkpoint; give the run: --workdir '
+                         f'{path.parent.parent} --step {path.name}')
+  if path.name == 'checkpoints' and not (path / 'checkpoints').exists():
+    log.info('--workdir %s is a checkpoints folder: evaluating its run, %s', workdir, path.parent)
+    path = path.parent
+  return str(path)
+
+
 def main(argv=None) -> None:
   from absl import app, flags
   from ml_collections import config_flags
@@ -826,8 +867,17 @@ def main(argv=None) -> None:
     cpu_dots.route_dots_to_onednn()  # unless CLEANCLIP_ONEDNN_DOTS=0; likewise before the CPU client
     distributed.initialize()  # one job over the hosts' devices, as the trainer (no-op alone)
     FLAGS = flags.FLAGS
-    run_job(FLAGS.workdir, FLAGS.config, follow=FLAGS.follow, step=FLAGS.step,
-            timeout=FLAGS.timeout, poll_seconds=FLAGS.poll_seconds, force=FLAGS.force)
+    workdir = _run_directory(FLAGS.workdir)
+    try:
+      run_job(workdir, FLAGS.config, follow=FLAGS.follow, step=FLAGS.step,
+              timeout=FLAGS.timeout, poll_seconds=FLAGS.poll_seconds, force=FLAGS.force)
+    except (ValueError, OSError, *checkpoint_errors()) as e:
+      # Bad input (no checkpoint, a class list, templates, target or mesh the run cannot use, an
+      # unreadable eval set or workdir): one line, not a traceback. ValueError covers ConfigError,
+      # CsvError and convert's CheckpointError.
+      log.error('%s: %s', type(e).__name__, e)
+      print(f'Eval error: {type(e).__name__}: {e}', file=sys.stderr)
+      sys.exit(2)
 
   app.run(_main, argv=argv)
 

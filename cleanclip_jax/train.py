@@ -565,6 +565,13 @@ def quiet_library_logs() -> None:
   logging.get_absl_handler().addFilter(keep)
 
 
+def _input_errors() -> tuple[type, ...]:
+  from cleanclip_jax import convert  # pylint: disable=g-import-not-at-top
+  from cleanclip_jax.data import pipeline, sources  # pylint: disable=g-import-not-at-top
+  return (sources.CsvError, pipeline.BadInputError, checkpoint.NoCheckpointError,
+          convert.CheckpointError, train_step.InitParamsError)
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -585,6 +592,12 @@ def main(argv: list[str]) -> None:
     logging.error('%s', e)
     print(f'Training stopped: {e}', file=sys.stderr)
     sys.exit(1)
+  except _input_errors() as e:
+    # Unusable data or init weights: the message names the file (row, key); a traceback into
+    # the pipeline would bury it.
+    logging.error('%s: %s', type(e).__name__, e)
+    print(f'Input error: {type(e).__name__}: {e}', file=sys.stderr)
+    sys.exit(2)
   if summary['preempted'] and not summary['completed']:
     sys.exit(PREEMPTED_EXIT_CODE)
 

@@ -46,6 +46,10 @@ SIGLIP_LOGIT_BIAS_INIT = -10.0
 _OPTIONAL_PARAMS = ('head/kernel', 'head/bias', 'logit_bias')
 
 
+class InitParamsError(ValueError):
+  """`init_checkpoint` / `init_pytorch` weights that do not fit the run's model (names or shapes)."""
+
+
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
@@ -217,12 +221,12 @@ def _match_init_params(init_params: Any, abstract_params: Any, config) -> dict:
   missing = sorted(set(wanted) - set(given) - set(_OPTIONAL_PARAMS))
   extra = sorted(set(given) - set(wanted))
   if missing or extra:
-    raise ValueError(f'init_params do not match model {config.model.name!r}: missing {missing[:5]} '
+    raise InitParamsError(f'init_params do not match model {config.model.name!r}: missing {missing[:5]} '
                      f'({len(missing)} in all), unexpected {extra[:5]} ({len(extra)} in all)')
   for path, shape in given.items():
     if tuple(shape) != wanted[path]:
       hint = ' (objective.num_classes differs from the checkpoint\'s head)' if path.startswith('head/') else ''
-      raise ValueError(f'init_params[{path!r}] has shape {tuple(shape)}, model {config.model.name!r} '
+      raise InitParamsError(f'init_params[{path!r}] has shape {tuple(shape)}, model {config.model.name!r} '
                        f'needs {wanted[path]}{hint}')
   return params
 

@@ -2,6 +2,7 @@
 known; the results logger; and the checkpoint-following job (fake checkpoint directories)."""
 
 import json
+import os
 import pathlib
 import shutil
 
@@ -363,6 +364,22 @@ def test_follow_waits_for_the_last_checkpoint_summary_json_names(tmp_path, monke
   assert len(listings) > 2  # it kept looking for step 4 (until --timeout)
   _commit(tmp_path, 4)
   assert evaluate.run_job(str(tmp_path), config, follow=True, timeout=0, evaluate_fn=fake) == [4]
+
+
+def test_cli_bad_workdirs_are_one_line_errors(tmp_path):
+  import subprocess
+  import sys
+  command = [sys.executable, '-m', 'cleanclip_jax.evaluate', '--config', 'configs/eval.py:tiny']
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  repo = pathlib.Path(__file__).resolve().parent.parent
+  empty = subprocess.run(command + ['--workdir', str(tmp_path)], cwd=repo, env=env,
+                         capture_output=True, text=True, timeout=300)
+  assert empty.returncode == 2 and 'Traceback' not in empty.stderr, empty.stderr[-2000:]
+  assert f'Eval error: NoCheckpointError: no committed checkpoint in {tmp_path}' in empty.stderr
+  _commit(tmp_path, 3)
+  one_step = subprocess.run(command + ['--workdir', str(tmp_path / 'checkpoints' / '3')], cwd=repo,
+                            env=env, capture_output=True, text=True, timeout=300)
+  assert one_step.returncode == 1 and f'--workdir {tmp_path} --step 3' in one_step.stderr
 
 
 def test_single_evaluation_latest_or_given_step(tmp_path):

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from cleanclip_jax import checkpoint, metrics_log, train
+from cleanclip_jax import checkpoint, metrics_log, train, train_step
 from cleanclip_jax import config as config_lib
 
 TOTAL = 6
@@ -189,6 +189,14 @@ def test_an_io_error_is_not_damage(reference, tmp_path, monkeypatch):
     train.run(tiny_config(), workdir)
   assert checkpoint.committed_steps(workdir) == [2, 4, 6]
   assert not (workdir / checkpoint.REJECTED_SUBDIR).exists()
+
+
+def test_init_checkpoint_of_another_model_is_an_input_error(reference, tmp_path):
+  ref_dir, _ = reference
+  other = tiny_config(init_checkpoint=str(ref_dir), **{'model.name': 'tiny-rn', 'data.image_size': 32})
+  with pytest.raises(train_step.InitParamsError, match="do not match model 'tiny-rn'"):
+    train.run(other, tmp_path)
+  assert train_step.InitParamsError in train._input_errors()  # main: one line, exit 2
 
 
 def test_rerun_of_finished_run_resumes_without_training(reference, tmp_path):
