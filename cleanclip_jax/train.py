@@ -385,8 +385,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
     finished = workdir / 'summary.json'
     if start_step >= total and finished.exists():
       # A rerun of a finished run (a requeued job, a repeated command): its summary stands.
-      logging.info('The run finished at step %d already (%s); nothing to do', start_step, finished)
-      return json.loads(finished.read_text())
+      try:
+        stored_summary = json.loads(finished.read_text())
+      except (OSError, ValueError) as e:  # damaged: written again below from the run's records
+        logging.warning('%s is unreadable (%s); writing it again', finished, e)
+      else:
+        logging.info('The run finished at step %d already (%s); nothing to do', start_step, finished)
+        return stored_summary
     logging.info('%s step %d of %d on %d devices (mesh %s), %d processes; workdir %s',
                  'Resuming at' if start_step else 'Starting at', start_step, total,
                  jax.device_count(), dict(mesh.shape), jax.process_count(), workdir)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -120,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.error('give the command to run after --')
   if args.num_processes < 1 or args.devices_per_process < 1:
     parser.error('--num_processes and --devices_per_process must be >= 1')
+  if shutil.which(command[0]) is None:
+    parser.error(f'{command[0]!r}: no such program (on PATH or as a path)')
   code = launch(command, args.num_processes, args.devices_per_process, args.port)
   return 128 - code if code < 0 else code  # killed by a signal: the shell's 128 + signum
 

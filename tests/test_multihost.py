@@ -91,6 +91,13 @@ def _damaged_resume_and_evaluation(workdir, train_command):
   assert [r['step'] for r in metrics_log.read_jsonl(workdir / 'eval' / 'metrics.jsonl')] == [2, 4]
 
 
+def test_launcher_refuses_a_missing_program():
+  done = subprocess.run([sys.executable, LAUNCHER, '--', 'no_such_program_here'], capture_output=True,
+                        text=True, timeout=60)
+  assert done.returncode == 2 and "'no_such_program_here': no such program" in done.stderr
+  assert 'Traceback' not in done.stderr
+
+
 def test_launcher_stops_everyone_when_one_rank_fails():
   script = ('import os, sys, time\n'
             'rank = int(os.environ["CLEANCLIP_PROCESS_ID"])\n'

@@ -138,6 +138,16 @@ def test_kill_between_final_commit_and_summary(reference, tmp_path):
   assert json.loads((workdir / 'summary.json').read_text())['final_loss'] == last['loss']
 
 
+def test_a_damaged_summary_of_a_finished_run_is_written_again(reference, tmp_path):
+  ref_dir, _ = reference
+  workdir = tmp_path / 'copy'
+  shutil.copytree(ref_dir, workdir)
+  (workdir / 'summary.json').write_text('{"steps": 6, "comp')  # torn by a crash or a full disk
+  summary = train.run(tiny_config(), workdir)
+  assert summary['completed'] and summary['final_loss'] == losses(ref_dir)[-1][1]
+  assert json.loads((workdir / 'summary.json').read_text())['completed']
+
+
 def test_preemption_sync_point_counts_checks_not_steps(monkeypatch):
   # jax's sync manager, given a notice before any check, stops at the id one past the last one it
   # saw (0): 1. A run resumed at step 1000 asked it about steps 1001, 1002, ... and never stopped.
