@@ -17,8 +17,9 @@ import jax
 from absl import logging
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-  """The records of a JSONL file; a torn last line (a killed writer) is ignored."""
+def read_jsonl(path: str | os.PathLike, skip_malformed: bool = False) -> list[dict[str, Any]]:
+  """The records of a JSONL file; a torn last line (a killed writer) is ignored, a malformed one
+  elsewhere is an error naming it (or, with `skip_malformed`, skipped with a warning)."""
   path = pathlib.Path(path)
   if not path.exists():
     return []
@@ -32,7 +33,9 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     except json.JSONDecodeError:
       if number == len(lines):
         break
-      raise ValueError(f'{path}:{number}: not a JSON object: {line[:80]!r}') from None
+      if not skip_malformed:
+        raise ValueError(f'{path}:{number}: not a JSON object: {line[:80]!r}') from None
+      logging.warning('%s:%d: skipping a malformed line: %r', path, number, line[:80])
   return records
 
 
@@ -41,7 +44,8 @@ def truncate_jsonl(path: str | os.PathLike, last_step: int) -> int:
   path = pathlib.Path(path)
   if not path.exists():
     return 0
-  records = read_jsonl(path)
+  # A damaged line must not block resuming from a good checkpoint: it is dropped, with a warning.
+  records = read_jsonl(path, skip_malformed=True)
   kept = [r for r in records if r.get('step', 0) <= last_step]
   raw_lines = sum(1 for line in path.read_text().splitlines() if line.strip())
   if raw_lines == len(kept):

@@ -148,6 +148,15 @@ def test_a_damaged_summary_of_a_finished_run_is_written_again(reference, tmp_pat
   assert json.loads((workdir / 'summary.json').read_text())['completed']
 
 
+def test_resume_cuts_a_metrics_log_with_a_damaged_line(tmp_path):
+  path = tmp_path / 'metrics.jsonl'
+  path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo\n{"step": 4}\n{"step": 5}\n')
+  with pytest.raises(ValueError, match='metrics.jsonl:3'):
+    metrics_log.read_jsonl(path)
+  assert metrics_log.truncate_jsonl(path, 4) == 2  # the damaged line and step 5
+  assert [r['step'] for r in metrics_log.read_jsonl(path)] == [1, 2, 4]
+
+
 def test_preemption_sync_point_counts_checks_not_steps(monkeypatch):
   # jax's sync manager, given a notice before any check, stops at the id one past the last one it
   # saw (0): 1. A run resumed at step 1000 asked it about steps 1001, 1002, ... and never stopped.
