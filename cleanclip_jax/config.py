@@ -299,6 +299,13 @@ def validate(config: ConfigDict, num_devices: int) -> None:
                       '--config.data.poison.label_consistent=True')
   if config.data.source in ('csv', 'array_record') and not config.data.path:
     raise ConfigError(f'data.source={config.data.source!r} needs --config.data.path=PATH')
+  if config.data.source == 'synthetic' and config.data.path:
+    # The synthetic source generates its data: the file would be ignored and the run train on
+    # generated images instead.
+    raise ConfigError(f'data.path={config.data.path!r} is set but data.source=\'synthetic\' '
+                      'generates its data and reads no file; say what the path holds with '
+                      '--config.data.source=csv|array_record (or drop data.path)')
+  check_eval_source(config.eval)
   if int(config.data.token_bucket) < 0:
     raise ConfigError(f'data.token_bucket={config.data.token_bucket}: use 0 (off) or a positive length multiple')
   if config.on_nan not in ('stop', 'skip'):
@@ -353,6 +360,19 @@ def validate(config: ConfigDict, num_devices: int) -> None:
   if config.model.attention == 'cudnn' and models.resolve_dtype(config.model.dtype).itemsize != 2:
     raise ConfigError(f'model.attention=cudnn needs a 16-bit compute dtype; model.dtype is '
                       f'{config.model.dtype!r} (--config.model.dtype=bfloat16)')
+
+
+def check_eval_source(eval_cfg: ConfigDict) -> None:
+  """Refuses an eval set path the source would ignore (the evaluation job calls this too, through
+  `pipeline.eval_source`, since it does not run `validate`)."""
+  if eval_cfg.source != 'synthetic':
+    return
+  for key in ('path', 'probe_path'):
+    if eval_cfg.get(key, ''):
+      # The synthetic test split would be scored in its place, under the path's name.
+      raise ConfigError(f'eval.{key}={eval_cfg[key]!r} is set but eval.source=\'synthetic\' '
+                        'generates its images and reads no file; say what the path holds with '
+                        f'--config.eval.source=csv|folder|tfds (or drop eval.{key})')
 
 
 def configs_dir():

@@ -11,10 +11,13 @@ else is read as a file path.
 
 from __future__ import annotations
 
+import logging
 import pathlib
 from typing import Callable, Sequence
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 ASSETS = pathlib.Path(__file__).resolve().parent / 'assets'
 BUILTIN_CLASSNAMES = {
@@ -28,14 +31,44 @@ BUILTIN_TEMPLATES = {
 }
 SIMPLE_TEMPLATES = ('a photo of a {}.',)
 
+# Class-name files whose repeated names were already reported (the list is read several times a run).
+_REPORTED_REPEATS: set[str] = set()
+
 
 def load_classnames(spec: str) -> list[str]:
   """Class names for a built-in name or a .txt file (one per line; the line number is the index)."""
   if spec == 'synthetic':
     from cleanclip_jax.data import synthetic
     return [str(name) for name in synthetic.CLASS_NAMES]
-  path = ASSETS / BUILTIN_CLASSNAMES[spec] if spec in BUILTIN_CLASSNAMES else pathlib.Path(spec)
-  return _read_lines(path, what='class names', known=['synthetic', *BUILTIN_CLASSNAMES])
+  if spec in BUILTIN_CLASSNAMES:
+    # ImageNet's own list repeats 'missile' and 'sunglasses' (CLIP's names for two pairs of
+    # classes); it is used as published, so only a user's file is checked.
+    return _read_lines(ASSETS / BUILTIN_CLASSNAMES[spec], what='class names',
+                       known=['synthetic', *BUILTIN_CLASSNAMES])
+  path = pathlib.Path(spec)
+  names = _read_lines(path, what='class names', known=['synthetic', *BUILTIN_CLASSNAMES])
+  _report_repeats(path, names)
+  return names
+
+
+def _report_repeats(path: pathlib.Path, names: Sequence[str]) -> None:
+  """Warns (once per file) about class names that repeat: they get the same prompts, so the same
+  text embedding, and ties go to the first, so a later copy is never predicted."""
+  lines: dict[str, list[int]] = {}
+  for number, name in enumerate(names, 1):
+    # As the tokenizer sees it (lower case, whitespace collapsed): such names embed identically.
+    lines.setdefault(' '.join(name.split()).lower(), []).append(number)
+  repeats = {name: numbers for name, numbers in lines.items() if len(numbers) > 1}
+  key = str(path.resolve())
+  if not repeats or key in _REPORTED_REPEATS:
+    return
+  _REPORTED_REPEATS.add(key)
+  listed = '; '.join(f'{name!r} on lines {", ".join(map(str, numbers))}'
+                     for name, numbers in list(repeats.items())[:10])
+  more = f' (and {len(repeats) - 10} more)' if len(repeats) > 10 else ''
+  log.warning('%s: %d class name(s) repeat: %s%s. A repeat is never predicted (it scores the same '
+              'as the first, which wins ties); give each class a distinct name unless that is '
+              'intended', path, len(repeats), listed, more)
 
 
 def load_templates(spec: str) -> list[str]:

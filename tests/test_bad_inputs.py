@@ -330,6 +330,23 @@ def test_missing_header_column_names_the_key(tmp_path):
   assert source[0]['caption'] == 'x'
 
 
+def test_missing_column_hint_names_the_callers_setting(tmp_path):
+  path = tmp_path / 'cols.csv'
+  path.write_text('filepath,label\na.jpg,0\n')
+  with pytest.raises(sources.CsvError, match="no column 'image'.*set --image-key to the column of the images"):
+    sources.CsvSource(str(path), options={'image_key': '--image-key'})
+  wide = tmp_path / 'wide.csv'
+  wide.write_text('image,caption\na.jpg,one, two\n')
+  with pytest.raises(sources.CsvError, match='contain the delimiter, or set --delimiter$'):
+    sources.CsvSource(str(wide), options={'delimiter': '--delimiter'})
+  # The eval set's columns are fixed (image,label): no setting to name, so none is suggested.
+  eval_cfg = config_lib.base_config().eval
+  eval_cfg.update(source='csv', path=str(path))
+  with pytest.raises(sources.CsvError, match="no column 'image'.*this file needs the column 'image'") as info:
+    pipeline.eval_source(eval_cfg)
+  assert 'data.image_key' not in str(info.value)
+
+
 def test_missing_csv_file():
   with pytest.raises(FileNotFoundError, match='nope.csv'):
     sources.CsvSource('/nonexistent/nope.csv')
@@ -403,3 +420,39 @@ def test_all_bad_stream_stops_with_an_error(tmp_path, monkeypatch):
   monkeypatch.setattr(pipeline, '_MAX_CONSECUTIVE_SKIPS', 10)
   with pytest.raises(pipeline.BadInputError, match='all unusable.*missing_file'):
     next(pipeline.make_train_iterator(_config(path), process_index=0, process_count=1))
+
+
+@pytest.mark.parametrize('body, why', [
+    ('', r'it has no rows after the header'),
+    ('a.jpg, \nb.jpg,\n', r"every row was dropped \({'empty_caption': 2}"),
+])
+def test_training_csv_without_usable_rows_names_the_file(tmp_path, body, why):
+  # Before: "0 examples cannot be shared by 1 processes", naming no file and pointing at processes.
+  path = tmp_path / 'header.csv'
+  path.write_text('image,caption\n' + body)
+  with pytest.raises(config_lib.ConfigError, match=rf"data.path='.*header.csv' .*has no usable examples: {why}"):
+    pipeline.make_train_iterator(_config(path), process_index=0, process_count=1)
+
+
+class _FlatEncoders:
+  """Stands in for `evaluate.Encoders`: an image's pixels are its features."""
+  num_devices = 1
+
+  def batch(self, batch):
+    return dict(batch, features=batch['image'].reshape(len(batch['image']), -1).astype(np.float32))
+
+
+def test_eval_set_without_a_usable_image_fails(tmp_path):
+  # Before: 0 examples, NaN metrics, exit 0, and the step recorded as evaluated.
+  from cleanclip_jax import evaluate  # pylint: disable=g-import-not-at-top
+  path = tmp_path / 'val.csv'
+  path.write_text('image,label\nnope/0.jpg,0\nnope/1.jpg,1\n')
+  eval_cfg = config_lib.base_config().eval
+  eval_cfg.update(source='csv', path=str(path), batch_size=4, num_examples=0, image_size=SIZE)
+  with pytest.raises(ValueError, match=r"eval: no usable image in the 'csv' dataset .*val.csv.*all were skipped"):
+    evaluate.encode_dataset(_FlatEncoders(), eval_cfg)
+  assert pipeline.skip_counts() == {'missing_file': 2}
+  (tmp_path / 'nope').mkdir()
+  (tmp_path / 'nope' / '1.jpg').write_bytes(_jpeg())  # one usable image is enough
+  features = evaluate.encode_dataset(_FlatEncoders(), eval_cfg)
+  assert features.labels.tolist() == [1] and features.indices.tolist() == [1]

@@ -46,6 +46,32 @@ def test_presets_load_and_validate(spec):
       config_lib.validate(config, 8)
 
 
+@pytest.mark.parametrize('spec', ['eval.py:imagenet', 'eval.py:cifar10', 'eval.py:cifar100', 'eval.py:tiny',
+                                  *(f'demo.py:{stage},fast=True' for stage in (
+                                      'pretrain', 'pretrain_clean', 'finetune_mmcl',
+                                      'finetune_cleanclip', 'finetune_supervised'))])
+def test_eval_and_demo_presets_name_no_ignored_path(spec):
+  # tfds presets set eval.path (the dataset name) with their own source: only a path the source
+  # would ignore is refused.
+  config = config_lib.load_config(spec)
+  config_lib.check_eval_source(config.eval)
+  if spec.startswith('demo.py'):
+    config_lib.validate(config, 8)
+
+
+def test_eval_path_with_synthetic_source_is_refused_where_eval_sets_are_made():
+  # The evaluation job runs no `validate`: the pipeline checks the eval config itself.
+  from cleanclip_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  eval_cfg = config_lib.load_config('eval.py:tiny').eval
+  for key in ('path', 'probe_path'):
+    bad = eval_cfg.copy_and_resolve_references()
+    bad[key] = '/data/val.csv'
+    with pytest.raises(config_lib.ConfigError,
+                       match=rf"eval.{key}='/data/val.csv' is set but eval.source='synthetic'.*"
+                             r'--config.eval.source=csv\|folder\|tfds'):
+      pipeline.eval_source(bad)
+
+
 def test_paper_hyperparameters():
   pretrain = config_lib.load_config('clip_pretrain.py:rn50_cc3m')
   assert (pretrain.model.name, pretrain.learning_rate, pretrain.optimizer.weight_decay) == ('RN50', 5e-4, 0.1)
@@ -86,6 +112,10 @@ def _bad(change):
     (lambda c: (setattr(c.data, 'source', 'array_record'), setattr(c.data, 'path', 'gs://b/cc3m-*')),
      r"data.path='gs://b/cc3m-\*': remote URLs .*gcsfuse"),
     (lambda c: setattr(c, 'log_every_steps', 0), r'log_every_steps=0: use a positive'),
+    (lambda c: setattr(c.data, 'path', 'train.csv'),
+     r"data.path='train.csv' is set but data.source='synthetic' .*--config.data.source=csv\|array_record"),
+    (lambda c: setattr(c.eval, 'path', 'val.csv'),
+     r"eval.path='val.csv' is set but eval.source='synthetic' .*--config.eval.source=csv\|folder\|tfds"),
     (lambda c: setattr(c.optimizer, 'schedule', 'cosin'), r"optimizer.schedule='cosin': use cosine"),
     (lambda c: setattr(c.objective, 'sharded_loss_impl', 'rings'), r"sharded_loss_impl='rings'"),
     (lambda c: setattr(c.optimizer, 'lr_rules', (('^visual/(', 0.1),)), r"lr_rules: bad regex '\^visual/\('"),

@@ -174,6 +174,39 @@ def test_refuses_output_with_shards(tmp_path, capsys, csv_input):
   assert status == 2 and 'already holds' in err
 
 
+@pytest.mark.parametrize('body, why', [
+    ('', 'the CSV has a header but no rows'),
+    ('img/gone1.jpg,a\nimg/gone2.jpg,b\n', "every input was skipped: {'missing_file': 2}"),
+])
+def test_nothing_to_write_exits_2_and_leaves_no_folder(tmp_path, capsys, body, why):
+  # Exit 0 and a folder of metadata.json alone would read as a converted data set of 0 examples.
+  path = tmp_path / 'in.csv'
+  path.write_text('image,caption\n' + body)
+  status, out, err = _run(capsys, '--input', str(path), '--output', str(tmp_path / 'out'))
+  assert status == 2 and out == ''
+  assert f'in.csv: nothing was written to {tmp_path / "out"}: ' in err and why in err
+  assert not (tmp_path / 'out').exists()
+  (tmp_path / 'mine').mkdir()  # a folder the user made is left in place, still empty
+  assert _run(capsys, '--input', str(path), '--output', str(tmp_path / 'mine'))[0] == 2
+  assert list((tmp_path / 'mine').iterdir()) == []
+
+
+def test_output_that_is_a_file_exits_2(tmp_path, capsys, csv_input):
+  (tmp_path / 'afile').write_text('x')
+  status, out, err = _run(capsys, '--input', str(csv_input), '--output', str(tmp_path / 'afile'),
+                          '--image-key', 'filepath', '--caption-key', 'title')
+  assert status == 2 and out == ''
+  assert 'afile: is a file, not a folder (--output' in err
+
+
+def test_missing_column_hint_names_the_flag(tmp_path, capsys, csv_input):
+  # The CSV's columns are filepath/title: the hint is prepare's flag, not the trainer's config key.
+  status, _, err = _run(capsys, '--input', str(csv_input), '--output', str(tmp_path / 'out'))
+  assert status == 2
+  assert "no column 'image'" in err and 'set --image-key to the column of the images' in err
+  assert 'data.image_key' not in err
+
+
 def test_command_line_and_pipeline_read_back(tmp_path, csv_input):
   # Subprocess: stdout is exactly the JSON line (tqdm and logs go to stderr); two worker processes.
   out_dir = tmp_path / 'out'

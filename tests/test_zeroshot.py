@@ -1,5 +1,7 @@
 """Class names, templates and the zero-shot classifier weights."""
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -34,6 +36,23 @@ def test_user_files_and_their_errors(tmp_path):
     zeroshot.load_templates(str(templates))
   with pytest.raises(FileNotFoundError, match='imagenet'):
     zeroshot.load_classnames(str(tmp_path / 'missing.txt'))
+
+
+def test_repeated_class_names_are_reported_once_with_their_lines(tmp_path, caplog):
+  # A repeat gets the first's prompts and embedding and loses every tie: it is never predicted.
+  names = tmp_path / 'names.txt'
+  names.write_text('banana\napple\nfish\nBanana\napple\nbanana\n')
+  with caplog.at_level(logging.WARNING, logger='cleanclip_jax.zeroshot'):
+    assert zeroshot.load_classnames(str(names))[3] == 'Banana'  # accepted as written
+    zeroshot.load_classnames(str(names))  # read again (as a run does): not reported again
+  warnings = [r.getMessage() for r in caplog.records if 'repeat' in r.getMessage()]
+  assert len(warnings) == 1
+  assert "names.txt: 2 class name(s) repeat: 'banana' on lines 1, 4, 6; 'apple' on lines 2, 5" in warnings[0]
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger='cleanclip_jax.zeroshot'):
+    # ImageNet's published list repeats 'missile' and 'sunglasses'; it is used as it is, quietly.
+    assert zeroshot.load_classnames('imagenet').count('missile') == 2
+  assert not caplog.records
 
 
 def test_target_index():

@@ -47,6 +47,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from cleanclip_jax import config as config_lib
 from cleanclip_jax.data import decode, seeding, sources
 
 log = logging.getLogger(__name__)
@@ -191,10 +192,25 @@ def run_skip_counts(data_cfg: ml_collections.ConfigDict, iterator: grain.Dataset
 
 def train_source(data_cfg: ml_collections.ConfigDict):
   """The random-access source `config.data` names: len(source), source[i] -> record."""
-  return _cached_source(
+  source = _cached_source(
       data_cfg.source, data_cfg.path, data_cfg.image_key, data_cfg.caption_key, data_cfg.label_key,
       data_cfg.delimiter, data_cfg.confine_paths, data_cfg.image_size, data_cfg.synthetic.num_examples,
       data_cfg.synthetic.split, data_cfg.synthetic.seed, data_cfg.get('classnames', ''))
+  if not len(source):
+    # Said here, naming the file: otherwise the epoch plan fails on sharing 0 examples among the
+    # processes, which reads as a multi-process problem.
+    if data_cfg.source == 'synthetic':
+      raise config_lib.ConfigError(f'data.synthetic.num_examples={data_cfg.synthetic.num_examples}: '
+                                   'use a positive number (--config.data.synthetic.num_examples=N)')
+    dropped = getattr(source, 'skipped', None)
+    if dropped:
+      why = f'every row was dropped ({dropped}; the log names the first rows)'
+    else:
+      why = 'it has no rows after the header' if data_cfg.source == 'csv' else 'it holds no records'
+    raise config_lib.ConfigError(
+        f'data.path={data_cfg.path!r} (data.source={data_cfg.source!r}) has no usable examples: '
+        f'{why}; fix the file or point --config.data.path at another')
+  return source
 
 
 def load_class_names(spec: str) -> list[str] | None:
@@ -504,6 +520,7 @@ def eval_source(eval_cfg: ml_collections.ConfigDict, class_names: list[str] | No
   labelled in the order of `class_names` (default: `eval.classnames`, the list it is scored
   against; see `sources` "Class order")."""
   kind = eval_cfg.source
+  config_lib.check_eval_source(eval_cfg)  # the evaluation job runs no `config.validate`
   names = class_names
   if names is None and kind != 'synthetic':
     names = load_class_names(eval_cfg.classnames)
@@ -514,8 +531,9 @@ def eval_source(eval_cfg: ml_collections.ConfigDict, class_names: list[str] | No
     return synthetic.SyntheticCaptions(eval_cfg.num_examples, image_size=eval_cfg.image_size,
                                        split=eval_cfg.split)
   if kind == 'csv':
+    # Its columns are fixed (image,label) and its delimiter follows the extension: no option to hint.
     source = sources.CsvSource(eval_cfg.path, caption_key='', label_key='label',
-                               class_names=names, require_label=True)
+                               class_names=names, require_label=True, options={})
     _count_skips(source.skipped)
     return source
   if kind == 'folder':

@@ -14,8 +14,9 @@ integer label) and `KEY.json` (used for the caption when there is no .txt).
 
 Unusable inputs are skipped, counted by reason and logged (the first few in full); the run ends by
 printing exactly one JSON line, `{"written": N, "skipped": {"reason": count}}`, and exits 0. An
-unusable *input* (missing path, malformed CSV row, output folder already holding shards) exits 2
-with a message naming the file and row.
+unusable *input* (missing path, malformed CSV row, output folder already holding shards or not a
+folder, nothing to write: no rows, or every one skipped) exits 2 with a message naming the file and
+row (or the skip counts).
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ _LOG_FIRST = 5
 _IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp')
 # A tar member larger than this is not read into memory (no real web image is this big).
 _MAX_MEMBER_BYTES = 64 << 20
+# The flags that set CsvSource's options here (`--image-key`), for its errors' hints.
+_CSV_FLAGS = {key: '--' + key.replace('_', '-') for key in sources.CONFIG_OPTIONS}
 
 
 class InputError(Exception):
@@ -55,7 +58,7 @@ def csv_items(path: str, args: argparse.Namespace, skipped: dict[str, int]) -> t
   try:
     source = sources.CsvSource(path, image_key=args.image_key, caption_key=args.caption_key,
                                label_key=args.label_key, delimiter=args.delimiter,
-                               confine_paths=args.confine_paths)
+                               confine_paths=args.confine_paths, options=_CSV_FLAGS)
   except sources.CsvError as e:
     raise InputError(str(e)) from None
   for reason, count in source.skipped.items():
@@ -235,10 +238,19 @@ def _count(skipped: dict[str, int], reason: str, detail: str) -> None:
     log.warning('further skipped inputs are only counted (see the final JSON line)')
 
 
-def _prepare_output(output: str) -> None:
-  if os.path.isdir(output) and any(f.endswith('.array_record') for f in os.listdir(output)):
-    raise InputError(f'{output}: already holds .array_record shards; use an empty or new folder')
-  os.makedirs(output, exist_ok=True)
+def _prepare_output(output: str) -> bool:
+  """Makes the output folder; True when it was made here (so it can be removed if left empty)."""
+  if os.path.exists(output) and not os.path.isdir(output):
+    raise InputError(f'{output}: is a file, not a folder (--output names the folder for the shards)')
+  if os.path.isdir(output):
+    if any(f.endswith('.array_record') for f in os.listdir(output)):
+      raise InputError(f'{output}: already holds .array_record shards; use an empty or new folder')
+    return False
+  try:
+    os.makedirs(output)
+  except OSError as e:
+    raise InputError(f'{output}: cannot create the output folder ({e.strerror}) (--output)') from None
+  return True
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -253,7 +265,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     items = iter([]) if first is None else _chain(first, items)
   else:
     items, total, class_names = csv_items(args.input, args, skipped)
-  _prepare_output(args.output)
+  created = _prepare_output(args.output)
   writer = ShardWriter(args.output, args.shard_size)
   try:
     for record, reason, detail in tqdm(_convert_all(items, args), total=total, unit='img',
@@ -265,6 +277,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   finally:
     writer.close()
   result = {'written': writer.written, 'skipped': dict(sorted(skipped.items()))}
+  if not writer.written:
+    # A folder with only metadata.json would read as a data set of 0 examples.
+    if created:
+      os.rmdir(args.output)
+    if skipped:
+      why = f'every input was skipped: {result["skipped"]}'
+    else:
+      why = ('its shards hold no examples' if os.path.isdir(args.input)
+             else 'the CSV has a header but no rows')
+    raise InputError(f'{args.input}: nothing was written to {args.output}: {why}')
   with open(os.path.join(args.output, 'metadata.json'), 'w', encoding='utf-8') as f:
     json.dump(dict(result, image_size=args.image_size, source=os.path.abspath(args.input),
                    shards=[os.path.basename(s) for s in writer.shards], class_names=class_names), f,

@@ -30,7 +30,7 @@ import glob
 import logging
 import os
 import struct
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -45,6 +45,10 @@ ROW_REASONS = {
 
 # Rows whose problem is logged in full before the rest are only counted.
 _LOG_FIRST = 5
+
+# How the trainer's user sets CsvSource's options, for the fixes its errors suggest; another caller
+# (prepare's flags, the eval set's fixed columns) passes its own as `options`.
+CONFIG_OPTIONS = {key: f'data.{key}' for key in ('image_key', 'caption_key', 'label_key', 'delimiter')}
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm')
 
@@ -92,15 +96,19 @@ class CsvSource:
   with the default `,` delimiter is read tab-separated. `caption_key=''` reads a labelled set
   (`image,label`) without captions. Labels may be integers or class names; names map through
   `class_names` when given (see "Class order" above; integers must then index it), else through the
-  sorted set of names in the file (`self.class_names`).
+  sorted set of names in the file (`self.class_names`). `options` names the setting behind each of
+  `image_key`, `caption_key`, `label_key`, `delimiter` in the errors' hints (`CONFIG_OPTIONS` by
+  default; one left out has no setting, e.g. the eval set's fixed `image,label` columns).
   """
 
   def __init__(self, path: str, *, image_key: str = 'image', caption_key: str = 'caption',
                label_key: str = '', delimiter: str = ',', confine_paths: bool = False,
-               class_names: Sequence[str] | None = None, require_label: bool = False):
+               class_names: Sequence[str] | None = None, require_label: bool = False,
+               options: Mapping[str, str] | None = None):
     if not os.path.isfile(path):
       raise FileNotFoundError(f'CSV file {path!r} does not exist (data.path / --input)')
     self.path = path
+    self._options = CONFIG_OPTIONS if options is None else options
     self.root = os.path.dirname(os.path.abspath(path))
     if delimiter == ',' and path.lower().endswith('.tsv'):
       delimiter = '\t'
@@ -135,7 +143,7 @@ class CsvSource:
             raise CsvError(
                 f'{self.path}:{start}: expected {len(header)} fields ({self.delimiter!r}-separated, '
                 f'as in the header), got {len(row)}: {_preview(row)}; quote fields that contain '
-                'the delimiter, or set data.delimiter')
+                f'the delimiter{self._or_set("delimiter")}')
           image = row[columns['image']]
           caption = row[columns['caption']] if 'caption' in columns else ''
           reason = self._row_problem(image, caption, confine_paths, caption_key)
@@ -148,22 +156,28 @@ class CsvSource:
           labels.append(row[columns['label']] if 'label' in columns else '')
       except csv.Error as e:
         raise CsvError(f'{self.path}:{reader.line_num}: malformed CSV ({e}); check the quoting '
-                       f'(an unclosed " swallows the rest of the file) and data.delimiter') from None
+                       f'(an unclosed " swallows the rest of the file)'
+                       f'{self._or_set("delimiter", " and ")}') from None
     if header is None:
       raise CsvError(f'{self.path}:1: the file is empty (expected a header row)')
     return paths, captions, lines, labels
 
   def _columns(self, header, image_key, caption_key, label_key, line):
     columns = {}
-    for role, key, flag in (('image', image_key, 'image_key'), ('caption', caption_key, 'caption_key'),
-                            ('label', label_key, 'label_key')):
+    for role, key, option in (('image', image_key, 'image_key'), ('caption', caption_key, 'caption_key'),
+                              ('label', label_key, 'label_key')):
       if not key:
         continue
       if key not in header:
+        fix = (f'set {self._options[option]} to the column of the {role}s' if option in self._options
+               else f'this file needs the column {key!r}')
         raise CsvError(f'{self.path}:{line}: no column {key!r} in the header {header[:10]} '
-                       f'(delimiter {self.delimiter!r}); set data.{flag}')
+                       f'(delimiter {self.delimiter!r}); {fix}')
       columns[role] = header.index(key)
     return columns
+
+  def _or_set(self, option: str, joiner: str = ', or set ') -> str:
+    return f'{joiner}{self._options[option]}' if option in self._options else ''
 
   def _row_problem(self, image: str, caption: str, confine_paths: bool, caption_key: str) -> str | None:
     if confine_paths and _leaves_root(image):
