@@ -41,9 +41,10 @@ def test_fast_study_reports_every_stage_and_resumes(tmp_path, capsys, monkeypatc
   assert by_stage['finetune_cleanclip']['zeroshot_asr'] == by_stage['finetune_cleanclip']['asr']
   # Every finetune starts from the poisoned pretraining, and is measured with its trigger.
   planted = checkpoint.load_config(workdir / 'pretrain')
+  pretrained = workdir / 'pretrain' / 'checkpoints' / str(checkpoint.committed_steps(workdir / 'pretrain')[-1])
   for stage in RUN_STAGES[1:]:
     stored = checkpoint.load_config(workdir / stage)
-    assert stored.init_checkpoint == str(workdir / 'pretrain'), stage
+    assert stored.init_checkpoint == str(pretrained), stage  # the trainer pins the step it read
     assert stored.eval.trigger.to_dict() == planted.data.poison.trigger.to_dict(), stage
   assert (workdir / 'report.png').stat().st_size > 1000
   # The trainer feeds captions to the objectives that read them: packed for the CLIP objectives,
