@@ -224,8 +224,8 @@ class PreemptionWatch:
       signal.signal(signal.SIGTERM, self._previous)
       self._previous = None
 
-  def should_stop(self, step: int) -> bool:
-    del step  # the sync point is counted in checks (above)
+  def should_stop(self) -> bool:
+    """Called once a step, on every process."""
     if self._multi:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       PreemptionWatch._sync_checks += 1
@@ -459,7 +459,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
               'use --config.on_nan=skip to skip such updates.')
 
         # Before any inline evaluation: a notice leaves ~30 s (Cloud TPU) for the save.
-        preempted = preemption.should_stop(step)
+        preempted = preemption.should_stop()
         if eval_logger is not None and step % config.eval.every_steps == 0:
           if preempted:
             logging.warning('SIGTERM: step %d is not evaluated inline; its checkpoint is saved '

@@ -170,10 +170,10 @@ def test_preemption_sync_point_counts_checks_not_steps(monkeypatch):
   monkeypatch.setattr(multihost_utils, 'reached_preemption_sync_point', notice_before_the_first_check)
   monkeypatch.setattr(jax, 'process_count', lambda: 2)
   monkeypatch.setattr(train.PreemptionWatch, '_sync_checks', 0)
-  with train.PreemptionWatch() as watch:
-    assert watch.should_stop(1001)
+  with train.PreemptionWatch() as watch:  # resumed at step 1000: its first check
+    assert watch.should_stop()
   with train.PreemptionWatch() as watch:  # a later run in the process (the demo's stages)
-    assert not watch.should_stop(1)
+    assert not watch.should_stop()
   assert asked == [1, 2]
 
 
