@@ -17,7 +17,8 @@ step number are not blocked by it.
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
+import enum
 import errno
 import functools
 import json
@@ -33,8 +34,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
-from jax.experimental import multihost_utils
 from orbax.checkpoint.path import step as ocp_step
+
+from cleanclip_jax import distributed
 
 CHECKPOINT_SUBDIR = 'checkpoints'
 REJECTED_SUBDIR = 'checkpoints_rejected'
@@ -117,8 +119,28 @@ def write_manifest(step_dir: epath.PathLike) -> None:
   (step_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
 
 
-def verify(step_dir: epath.PathLike, checksums: bool = True) -> list[str]:
-  """Problems found in a committed step directory against its manifest; [] when intact.
+class Fault(enum.Enum):
+  """How a file of a step directory fails its manifest."""
+  MISSING = 'missing'  # not there (the manifest itself included)
+  VANISHED = 'vanished'  # gone while being read (retention, or another process, deleting it)
+  MALFORMED = 'malformed'  # the manifest does not parse: damage (no deletion truncates a file)
+  WRONG_SIZE = 'wrong size'
+  CORRUPTED = 'corrupted'  # right size, wrong CRC-32
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  """One file of a step directory that fails its manifest; `str()` is the line for a log."""
+  file: str  # as the manifest names it (a file that vanished mid-read: the path its error named)
+  fault: Fault
+  message: str
+
+  def __str__(self) -> str:
+    return self.message
+
+
+def manifest_problems(step_dir: epath.PathLike, checksums: bool = True) -> list[Problem]:
+  """The files of a committed step directory that fail its manifest; [] when intact.
 
   With `checksums=False` only presence and sizes are compared (cheap enough for listing). A file
   that is not there is a problem (damage, or retention deleting the step meanwhile); any other
@@ -130,10 +152,10 @@ def verify(step_dir: epath.PathLike, checksums: bool = True) -> list[str]:
   try:
     expected = json.loads(manifest_path.read_text())['files']
   except FileNotFoundError:
-    return [f'{manifest_path.name} is missing (the save never reached its commit)']
+    return [Problem(MANIFEST_NAME, Fault.MISSING,
+                    f'{MANIFEST_NAME} is missing (the save never reached its commit)')]
   except (ValueError, KeyError) as e:
-    return [f'{manifest_path.name} is unreadable: {e}']
-  problems = []
+    return [Problem(MANIFEST_NAME, Fault.MALFORMED, f'{MANIFEST_NAME} is unreadable: {e}')]
   try:
     if checksums:
       actual = _file_digests(step_dir)
@@ -141,15 +163,32 @@ def verify(step_dir: epath.PathLike, checksums: bool = True) -> list[str]:
       actual = {name: [(step_dir / name).stat().length, None] for name in expected
                 if (step_dir / name).exists()}
   except FileNotFoundError as e:  # e.g. retention or another process removed it meanwhile
-    return [f'unreadable: {e}']
+    return [Problem(str(e.filename or ''), Fault.VANISHED, f'unreadable: {e}')]
+  problems = []
   for name, (size, crc) in expected.items():
     if name not in actual:
-      problems.append(f'{name} is missing')
+      problems.append(Problem(name, Fault.MISSING, f'{name} is missing'))
     elif actual[name][0] != size:
-      problems.append(f'{name} has {actual[name][0]} bytes, expected {size}')
+      problems.append(Problem(name, Fault.WRONG_SIZE,
+                              f'{name} has {actual[name][0]} bytes, expected {size}'))
     elif checksums and actual[name][1] != crc:
-      problems.append(f'{name} is corrupted (CRC-32 mismatch)')
+      problems.append(Problem(name, Fault.CORRUPTED, f'{name} is corrupted (CRC-32 mismatch)'))
   return problems
+
+
+def verify(step_dir: epath.PathLike, checksums: bool = True) -> list[str]:
+  """`manifest_problems` as lines for a log (and an error message); [] when intact."""
+  return [str(problem) for problem in manifest_problems(step_dir, checksums)]
+
+
+def save_id(step_dir: epath.PathLike) -> str | None:
+  """What tells one save of a step from another save of the same step number (a trainer resumed
+  from an earlier step writes it again): the CRC-32 of its manifest, which records the time of
+  its save. None when the step has no readable manifest."""
+  try:
+    return f'{zlib.crc32((epath.Path(step_dir) / MANIFEST_NAME).read_bytes()):08x}'
+  except OSError:
+    return None
 
 
 def _finalized_steps(root: epath.Path) -> list[int]:
@@ -254,15 +293,18 @@ def agreed_step_dir(path_or_workdir: epath.PathLike) -> str:
   `path_or_workdir` (its newest intact step), chosen by process 0 for every process: a run still
   saving could otherwise hand each host another step, and the config and the params could come
   from different ones. Raises `NoCheckpointError` on every process when there is none."""
-  step = -1
-  if jax.process_index() == 0:
-    with contextlib.suppress(NoCheckpointError):
-      step = newest_intact_step(path_or_workdir)
-  (step,) = _from_process_0(step)
+  step = distributed.from_process_0(functools.partial(_newest_intact_step_or_none, path_or_workdir))
   root, _ = _resolve(path_or_workdir, None)
-  if step < 0:
+  if step is None:
     raise NoCheckpointError(f'no committed, intact checkpoint in {root}')
   return os.fspath(root / str(step))
+
+
+def _newest_intact_step_or_none(path_or_workdir: epath.PathLike) -> int | None:
+  try:
+    return newest_intact_step(path_or_workdir)
+  except NoCheckpointError:
+    return None
 
 
 # What makes a run that run: a checkpoint written with other values is another run's, not this
@@ -332,13 +374,6 @@ def state_mismatches(state_dir: epath.PathLike, abstract_state: Any, limit: int 
   if len(problems) > limit:
     problems = problems[:limit] + [f'... and {len(problems) - limit} more']
   return problems
-
-
-def _from_process_0(*values: int) -> tuple[int, ...]:
-  """Process 0's integers on every process (a collective: all processes must call it)."""
-  if jax.process_count() == 1:
-    return values
-  return tuple(int(v) for v in multihost_utils.broadcast_one_to_all(np.asarray(values, np.int64)))
 
 
 def _is_disk_full(error: BaseException) -> bool:
@@ -445,33 +480,31 @@ class Checkpointer:
     """The newest intact step, chosen by process 0 for every process (each one listing and
     checksumming on its own could pick another step on a lagging filesystem, and wait at a
     different barrier); damaged newer ones are moved aside on the way."""
-    chosen, failed, rejected = -1, 0, 0
-    if jax.process_index() == 0:
-      try:
-        for step in reversed(_finalized_steps(self.root)):
-          try:
-            problems = verify(self.root / str(step))
-          except OSError as e:
-            # Not damage: a good checkpoint stays where it is (and nothing older is taken).
-            raise CheckpointRestoreError(
-                f'reading checkpoint {self.root / str(step)} failed: {type(e).__name__}: {e}. '
-                'The checkpoint is left in place; fix the storage and rerun.') from e
-          if problems:
-            self._reject(step, '; '.join(problems))
-            rejected += 1
-            continue
-          chosen = step
-          break
-      except Exception:  # pylint: disable=broad-except
-        _from_process_0(-1, 1, rejected)  # the other processes stop too, not wait forever
-        raise
-    chosen, failed, rejected = _from_process_0(chosen, failed, rejected)
-    if failed:
-      raise CheckpointRestoreError(f'process 0 could not choose a checkpoint in {self.root} '
-                                   '(its log has the cause)')
+    try:
+      chosen, rejected = distributed.from_process_0(self._newest_intact_moving_damaged_aside)
+    except distributed.ProcessZeroFailed as e:
+      raise CheckpointRestoreError(f'could not choose a checkpoint in {self.root}: {e}') from e
     if rejected:
       self._manager.reload()
-    return None if chosen < 0 else chosen
+    return chosen
+
+  def _newest_intact_moving_damaged_aside(self) -> tuple[int | None, int]:
+    """(the newest intact step or None, how many damaged newer steps were moved aside)."""
+    rejected = 0
+    for step in reversed(_finalized_steps(self.root)):
+      try:
+        problems = verify(self.root / str(step))
+      except OSError as e:
+        # Not damage: a good checkpoint stays where it is (and nothing older is taken).
+        raise CheckpointRestoreError(
+            f'reading checkpoint {self.root / str(step)} failed: {type(e).__name__}: {e}. '
+            'The checkpoint is left in place; fix the storage and rerun.') from e
+      if problems:
+        self._reject(step, '; '.join(problems))
+        rejected += 1
+        continue
+      return step, rejected
+    return None, rejected
 
   def restore_latest(self, abstract_state: Any, data_iterator: Any,
                      config: ml_collections.ConfigDict | None = None) -> tuple[int, Any] | None:

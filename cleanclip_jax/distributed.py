@@ -1,4 +1,5 @@
-"""Joining a multi-process run: `jax.distributed.initialize()` where there is more than one process.
+"""Joining a multi-process run (`jax.distributed.initialize()` where there is more than one
+process), and handing process 0's view of shared state to every process (`from_process_0`).
 
 Three ways a process learns its place, tried in order:
   1. `launch/local.py` sets `JAX_COORDINATOR_ADDRESS`, `CLEANCLIP_NUM_PROCESSES` and
@@ -11,10 +12,14 @@ Must run before anything touches a JAX device, so the trainer calls it first thi
 
 from __future__ import annotations
 
+import json
 import os
+from typing import Any
 
 import jax
+import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 ENV_COORDINATOR = 'JAX_COORDINATOR_ADDRESS'  # read by jax.distributed itself as well
 ENV_NUM_PROCESSES = 'CLEANCLIP_NUM_PROCESSES'
@@ -57,3 +62,47 @@ def initialize() -> None:
   logging.info('jax.distributed: process %d of %d, %d local / %d global devices',
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
+
+
+class ProcessZeroFailed(RuntimeError):
+  """Raised on the other processes when process 0 failed to compute what `from_process_0` hands
+  out (process 0 itself raises its own error)."""
+
+
+def from_process_0(value: Any) -> Any:
+  """Process 0's `value` on every process (a collective: every process must call it).
+
+  Processes that each read a shared filesystem on their own can see it at different moments (a
+  run still saving, retention deleting) and would then take different branches and wait at
+  different collectives; this hands them all process 0's view. `value` is JSON-able, or a
+  callable returning that, called on process 0 only (the others read nothing for it). When it
+  raises, process 0 raises that error and every other process `ProcessZeroFailed`, instead of
+  waiting forever for a value that is not coming.
+
+  The value comes back as JSON decodes it (tuples as lists, dict keys as strings) with one
+  process as well, where no collective runs: code tested alone sees what it sees on a pod.
+  """
+  if jax.process_count() == 1:
+    return json.loads(json.dumps(value() if callable(value) else value))
+  failure, message = None, b''
+  if jax.process_index() == 0:
+    try:
+      message = json.dumps({'value': value() if callable(value) else value}).encode()
+    except Exception as e:  # pylint: disable=broad-except
+      failure = e
+      message = json.dumps({'failed': f'{type(e).__name__}: {e}'}).encode()
+  received = json.loads(_broadcast_bytes(message))
+  if failure is not None:
+    raise failure
+  if 'failed' in received:
+    raise ProcessZeroFailed(f'process 0 failed: {received["failed"]} (its log has the details)')
+  return received['value']
+
+
+def _broadcast_bytes(data: bytes) -> bytes:
+  """Process 0's `data` on every process (the others pass b''): its length first, so every
+  process can allocate the buffer the second broadcast fills."""
+  length = int(multihost_utils.broadcast_one_to_all(np.int32(len(data))))
+  buffer = np.zeros(length, np.uint8)
+  buffer[:len(data)] = np.frombuffer(data, np.uint8)
+  return bytes(multihost_utils.broadcast_one_to_all(buffer))

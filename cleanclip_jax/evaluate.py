@@ -494,8 +494,9 @@ class EvalLogger:
       return
     self.dir.mkdir(parents=True, exist_ok=True)
     record = {'step': int(step), **{key: _jsonable(value) for key, value in metrics.items()}}
-    others = [r for r in self.records() if int(r['step']) != record['step']]
-    if len(others) < len(self.records()) or not _ends_cleanly(self.path):
+    previous = self.records()
+    others = [r for r in previous if int(r['step']) != record['step']]
+    if len(others) < len(previous) or not _ends_cleanly(self.path):
       # One line per step (a resumed trainer may evaluate a step again), and no torn line left for
       # the next record to be glued onto: rewrite the file atomically.
       partial = self.path.with_suffix('.jsonl.tmp')
@@ -504,17 +505,43 @@ class EvalLogger:
     with open(self.path, 'a') as f:
       f.write(json.dumps(record, sort_keys=True) + '\n')
     if self._tensorboard:
-      self._write_tensorboard(int(step), record)
+      in_order = all(int(r['step']) < record['step'] for r in previous)
+      self._write_tensorboard(record, in_order)
     if self._plot:
       plot_metrics(self.records(), self.dir / 'plot.png')
 
-  def _write_tensorboard(self, step: int, record: dict) -> None:
-    if self._tb_writer is None:
-      self._tb_writer = metrics_log.tensorboard_writer(self.dir / 'tb', purge_step=self._purge_step)
+  def _write_tensorboard(self, record: dict, in_order: bool) -> None:
+    """Writes `record`'s scalars so that TensorBoard shows what metrics.jsonl has: a point a step.
+
+    A point at a step TensorBoard has passed is not a replacement: RustBoard drops every point
+    from that step on (its reservoir's preemption), the Python loader shows two points at one
+    step. So a step written out of order (`--force` again, a skipped step saved anew and
+    evaluated late) opens a new event file: a purge marker at that step, which the Python loader
+    honours, then metrics.jsonl's records from that step on in step order, which RustBoard's
+    preemption turns into the same series.
+    """
+    step = record['step']
+    purge_step = None if in_order else step
+    if self._tb_writer is None and self._purge_step is not None:
+      # A resumed trainer's first event file also hides what a killed run logged past its resume.
+      purge_step = self._purge_step if purge_step is None else min(purge_step, self._purge_step)
+    if purge_step is None:
+      if self._tb_writer is None:
+        self._tb_writer = metrics_log.tensorboard_writer(self.dir / 'tb')
+      records = [record]
+    else:
+      self.close()
+      self._tb_writer = metrics_log.tensorboard_writer(self.dir / 'tb', purge_step=purge_step)
+      records = sorted((r for r in self.records() if int(r['step']) >= purge_step),
+                       key=lambda r: int(r['step']))
+    for each in records:
+      self._add_scalars(each)
+    self._tb_writer.flush()
+
+  def _add_scalars(self, record: dict) -> None:
     for key, value in record.items():
       if key != 'step' and isinstance(value, (int, float)) and math.isfinite(value):
-        self._tb_writer.add_scalar(f'eval/{key}', value, step)
-    self._tb_writer.flush()
+        self._tb_writer.add_scalar(f'eval/{key}', value, int(record['step']))
 
   def close(self) -> None:
     if self._tb_writer is not None:
@@ -583,11 +610,14 @@ def eval_config_for_run(eval_cfg, run_config):
       if run_target != eval_cfg.target:
         try:
           zeroshot.target_index(zeroshot.load_classnames(eval_cfg.classnames), run_target)
-          eval_cfg.target = run_target
         except ValueError:
           log.warning('eval: the run\'s target %r is not an evaluation class (eval.classnames=%s); '
                       'ASR is measured against eval.target=%r', run_target, eval_cfg.classnames,
                       eval_cfg.target)
+        else:
+          log.info('eval: measuring ASR against the run\'s target %r, not eval.target=%r '
+                   '(eval.trigger_from_run)', run_target, eval_cfg.target)
+          eval_cfg.target = run_target
   return eval_cfg
 
 
@@ -650,20 +680,32 @@ def _last_checkpoint_step(workdir: str | pathlib.Path) -> int | None:
   return int(step) if isinstance(step, int) else None
 
 
+def _last_save(workdir: str | pathlib.Path) -> tuple[int | None, str | None]:
+  """(the finished run's last checkpoint step, `checkpoint.save_id` of that step's save)."""
+  from cleanclip_jax import checkpoint
+  step = _last_checkpoint_step(workdir)
+  if step is None:
+    return None, None
+  return step, checkpoint.save_id(pathlib.Path(checkpoint.checkpoint_root(workdir)) / str(step))
+
+
 def _step_is_going(step_dir: pathlib.Path, recheck_seconds: float = 0.0) -> bool:
   """After a failed read: whether the step is gone or losing files (the trainer's retention
   deletes a step file by file, its folder last), rather than a whole checkpoint that failed; a
   step still whole is looked at again after `recheck_seconds` (retention may have just begun)."""
   from cleanclip_jax import checkpoint
+  # Files gone (or vanishing under the reader) are what a deletion leaves behind; a file of the
+  # wrong size or checksum is damage, which no deletion explains.
+  deletion_faults = (checkpoint.Fault.MISSING, checkpoint.Fault.VANISHED)
 
   def going() -> bool:
     if not step_dir.exists():
       return True
     try:
-      problems = checkpoint.verify(step_dir, checksums=False)
+      problems = checkpoint.manifest_problems(step_dir, checksums=False)
     except OSError:
       return False
-    return any('missing' in problem or 'unreadable' in problem for problem in problems)
+    return any(problem.fault in deletion_faults for problem in problems)
 
   if going():
     return True
@@ -681,18 +723,19 @@ def run_job(workdir: str, config, *, follow: bool = False, step: int | None = No
   Once: the latest committed checkpoint (or `step`), skipped when metrics.jsonl already has it
   unless `force`. Follow: every committed checkpoint not yet in metrics.jsonl, oldest first, until
   `summary.json` says training has finished (and everything committed before that is done) or no
-  new checkpoint has appeared for `timeout` seconds (0 = wait forever).
+  new checkpoint has appeared for `timeout` seconds (0 = wait forever). A step skipped as deleted
+  or damaged is evaluated after all if the trainer saves it again (a resume from an earlier step).
   """
   from cleanclip_jax import checkpoint
   if evaluate_fn is None:
     mesh = _mesh_from_config(config)
     evaluate_fn = lambda workdir, step: evaluate_checkpoint(workdir, step, config, mesh)
   logger = EvalLogger(workdir)
-  if not _agree(functools.partial(_writable, logger.dir)):
+  if not distributed.from_process_0(functools.partial(_writable, logger.dir)):
     # Before any checkpoint is read: an ImageNet pass whose result cannot be recorded is lost.
     raise PermissionError(f'{logger.dir} cannot be created or written: the evaluation could not '
                           'be recorded (a read-only workdir?)')
-  done = set(_agree(sorted(logger.done_steps())))
+  done = set(distributed.from_process_0(sorted(logger.done_steps())))
   evaluated: list[int] = []
 
   def run_one(step: int) -> None:
@@ -711,7 +754,7 @@ def run_job(workdir: str, config, *, follow: bool = False, step: int | None = No
 
   try:
     if not follow:
-      steps = _agree(lambda: checkpoint.committed_steps(workdir))
+      steps = distributed.from_process_0(lambda: checkpoint.committed_steps(workdir))
       if step is None and not steps:
         raise checkpoint.NoCheckpointError(f'no committed checkpoint in {workdir}/checkpoints')
       step = steps[-1] if step is None else int(step)
@@ -724,38 +767,30 @@ def run_job(workdir: str, config, *, follow: bool = False, step: int | None = No
         run_one(step)
       return evaluated
 
+    skipped: dict[int, str | None] = {}  # step -> `checkpoint.save_id` of the save that failed
     idle_since = time.time()
     while True:
       # Read the finished flag *before* listing: every checkpoint committed before summary.json
       # was written is then in this listing, so nothing is left behind when the loop ends.
-      finished = _agree(lambda: training_finished(workdir))
-      pending = _agree(lambda: [s for s in checkpoint.committed_steps(workdir) if s not in done])
-      for step in pending:
+      finished = distributed.from_process_0(lambda: training_finished(workdir))
+      pending = distributed.from_process_0(
+          functools.partial(_steps_to_evaluate, workdir, done, skipped))
+      for step, save in pending:
+        if step in skipped:
+          log.info('step %d was saved again since it was skipped; evaluating the new save', step)
         try:
           run_one(step)
         except Exception as e:  # pylint: disable=broad-except
-          # The trainer's retention may delete the step at any moment of reading it, and orbax
-          # then fails in one of several ways (NoCheckpointError, FileNotFoundError, ...): a step
-          # whose directory is gone was deleted; one still there that fails its integrity check is
-          # damaged; anything else is a real error.
-          # Process 0's view decides, so every process skips (or stops) alike. A step still whole
-          # is looked at again a moment later: retention may have just begun deleting it.
-          step_dir = pathlib.Path(checkpoint.checkpoint_root(workdir)) / str(step)
-          if _agree(functools.partial(_step_is_going, step_dir, recheck_seconds=2.0)):
-            log.warning('step %d was deleted (the trainer\'s keep_checkpoints) before it could be '
-                        'evaluated (%s: %s); skipping it. Set --config.keep_checkpoints higher to '
-                        'evaluate every step.', step, type(e).__name__, e)
-          elif _agree(isinstance(e, checkpoint.NoCheckpointError)):
-            log.error('step %d is damaged and is NOT evaluated: %s', step, e)
-          else:
+          if not _explain_skip(workdir, step, e):
             raise
-          done.add(step)
+          skipped[step] = save
         idle_since = time.time()
       if finished:
         # On a filesystem that shows summary.json before the listing shows the last step (NFS,
         # gcsfuse caches), keep polling until that step is done.
-        last = _agree(lambda: _last_checkpoint_step(workdir))
-        if last is None or last in done:
+        last, last_save = distributed.from_process_0(functools.partial(_last_save, workdir))
+        # A skipped last step is through only as that save: a resumed trainer may save it anew.
+        if last is None or last in done or (last in skipped and skipped[last] == last_save):
           log.info('Training has finished (%s); evaluated steps %s', 'summary.json', evaluated)
           return evaluated
         log.info('summary.json names step %d as the last checkpoint; waiting for it to be listed',
@@ -767,6 +802,47 @@ def run_job(workdir: str, config, *, follow: bool = False, step: int | None = No
       time.sleep(poll_seconds)
   finally:
     logger.close()
+
+
+def _steps_to_evaluate(workdir: str, done: set[int],
+                       skipped: dict[int, str | None]) -> list[tuple[int, str | None]]:
+  """(step, save id) of each committed step not evaluated yet: never tried, or skipped and since
+  saved again (a trainer resumed from an earlier step writes the same step numbers anew)."""
+  from cleanclip_jax import checkpoint
+  root = checkpoint.checkpoint_root(workdir)
+  steps = []
+  for step in checkpoint.committed_steps(workdir):
+    if step in done:
+      continue
+    save = checkpoint.save_id(root / str(step))
+    if step not in skipped or skipped[step] != save:
+      steps.append((step, save))
+  return steps
+
+
+def _explain_skip(workdir: str, step: int, error: Exception) -> bool:
+  """Whether a step whose evaluation failed with `error` is to be skipped (saying why in the log)
+  rather than `error` raised.
+
+  The trainer's retention may delete the step at any moment of reading it, and orbax then fails
+  in one of several ways (NoCheckpointError, FileNotFoundError, ...): a step whose directory is
+  gone was deleted; one still there that fails its integrity check is damaged; anything else is a
+  real error. Process 0's view decides, so every process skips (or stops) alike. A step still
+  whole is looked at again a moment later: retention may have just begun deleting it.
+  """
+  from cleanclip_jax import checkpoint
+  step_dir = pathlib.Path(checkpoint.checkpoint_root(workdir)) / str(step)
+  if distributed.from_process_0(functools.partial(_step_is_going, step_dir, recheck_seconds=2.0)):
+    log.warning('step %d was deleted (the trainer\'s keep_checkpoints) before it could be '
+                'evaluated (%s: %s); skipping it unless the trainer saves it again. Set '
+                '--config.keep_checkpoints higher to evaluate every step.',
+                step, type(error).__name__, error)
+    return True
+  if distributed.from_process_0(isinstance(error, checkpoint.NoCheckpointError)):
+    log.error('step %d is damaged and is NOT evaluated: %s (it will be if the trainer saves it '
+              'again)', step, error)
+    return True
+  return False
 
 
 def _writable(directory: pathlib.Path) -> bool:
@@ -785,29 +861,6 @@ def _all_processes_ok(ok: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
 
 
-def _agree(value):
-  """Process 0's view of the filesystem, so every process evaluates the same steps. A callable
-  is called on process 0 only (no other process reads the filesystem for it); an error there is
-  raised on every process, not left to hang the others."""
-  if jax.process_count() == 1:
-    return value() if callable(value) else value
-  from jax.experimental import multihost_utils
-  if callable(value):
-    failure = None
-    if jax.process_index() == 0:
-      try:
-        value = value()
-      except Exception as e:  # pylint: disable=broad-except
-        failure, value = e, None
-    if not _all_processes_ok(failure is None):
-      raise failure or RuntimeError('process 0 failed reading the workdir (its log has the cause)')
-  text = json.dumps(value).encode() if jax.process_index() == 0 else b''
-  length = int(multihost_utils.broadcast_one_to_all(np.int32(len(text))))
-  buffer = np.zeros(length, np.uint8)
-  buffer[:len(text)] = np.frombuffer(text, np.uint8)
-  return json.loads(bytes(multihost_utils.broadcast_one_to_all(buffer)).decode())
-
-
 def _mesh_from_config(config):
   from cleanclip_jax import sharding
   return sharding.make_mesh(config.mesh)
@@ -822,7 +875,9 @@ def _summary_line(metrics: dict) -> str:
 def checkpoint_errors() -> tuple[type, ...]:
   from cleanclip_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from cleanclip_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  return (checkpoint.NoCheckpointError, checkpoint.CheckpointRestoreError, pipeline.BadInputError)
+  # ProcessZeroFailed: the other processes' side of an error process 0 reports in full itself.
+  return (checkpoint.NoCheckpointError, checkpoint.CheckpointRestoreError, pipeline.BadInputError,
+          distributed.ProcessZeroFailed)
 
 
 def _run_directory(workdir: str) -> str:

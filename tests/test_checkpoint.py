@@ -166,3 +166,38 @@ def test_relative_workdir(tmp_path, mesh, monkeypatch):
   assert checkpoint.committed_steps('runs/x') == [1]
   params = checkpoint.restore_params('runs/x')
   np.testing.assert_array_equal(params['tower']['kernel'], np.full((8, 4), 1.0))
+
+
+def test_manifest_problems_say_which_file_fails_and_how(tmp_path):
+  # A file-level fake (no orbax): the callers decide on `fault`, never on the message's wording.
+  step_dir = tmp_path / 'checkpoints' / '3'
+  (step_dir / 'state').mkdir(parents=True)
+  for name in ('gone', 'short', 'flipped', 'fine'):
+    (step_dir / 'state' / name).write_bytes(b'abcd')
+  checkpoint.write_manifest(step_dir)
+  (step_dir / 'state' / 'gone').unlink()
+  (step_dir / 'state' / 'short').write_bytes(b'abc')
+  (step_dir / 'state' / 'flipped').write_bytes(b'abcD')
+  found = {(p.file, p.fault) for p in checkpoint.manifest_problems(step_dir)}
+  assert found == {('state/gone', checkpoint.Fault.MISSING),
+                   ('state/short', checkpoint.Fault.WRONG_SIZE),
+                   ('state/flipped', checkpoint.Fault.CORRUPTED)}
+  assert {p.file for p in checkpoint.manifest_problems(step_dir, checksums=False)} == {
+      'state/gone', 'state/short'}
+  (step_dir / checkpoint.MANIFEST_NAME).write_text('{"files": ')
+  assert [p.fault for p in checkpoint.manifest_problems(step_dir)] == [checkpoint.Fault.MALFORMED]
+  (step_dir / checkpoint.MANIFEST_NAME).unlink()
+  assert [(p.file, p.fault) for p in checkpoint.manifest_problems(step_dir)] == [
+      (checkpoint.MANIFEST_NAME, checkpoint.Fault.MISSING)]
+
+
+def test_a_save_again_of_a_step_has_another_save_id(tmp_path):
+  step_dir = tmp_path / '3'
+  assert checkpoint.save_id(step_dir) is None
+  (step_dir / 'state').mkdir(parents=True)
+  (step_dir / 'state' / 'data').write_bytes(b'same bytes')
+  checkpoint.write_manifest(step_dir)
+  first = checkpoint.save_id(step_dir)
+  assert first and checkpoint.save_id(step_dir) == first  # reading it changes nothing
+  checkpoint.write_manifest(step_dir)  # the same files saved again: the manifest has its own time
+  assert checkpoint.save_id(step_dir) not in (None, first)

@@ -349,6 +349,81 @@ def test_follow_skips_a_step_retention_is_deleting_file_by_file(tmp_path, caplog
   assert 'step 2 was deleted' in caplog.text
 
 
+def test_a_wrong_size_is_damage_even_in_a_file_named_missing(tmp_path):
+  # Deletion is told from damage by the kind of problem, not by words in its message.
+  _commit(tmp_path, 2)
+  step_dir = tmp_path / 'checkpoints' / '2'
+  (step_dir / 'state' / 'missing_or_unreadable').write_bytes(b'abcd')
+  checkpoint.write_manifest(step_dir)
+  (step_dir / 'state' / 'missing_or_unreadable').write_bytes(b'abc')
+  assert not evaluate._step_is_going(step_dir)
+  manifest = (step_dir / checkpoint.MANIFEST_NAME).read_text()
+  (step_dir / checkpoint.MANIFEST_NAME).write_text(manifest[:20])  # damage, which no deletion leaves
+  assert not evaluate._step_is_going(step_dir)
+  (step_dir / checkpoint.MANIFEST_NAME).write_text(manifest)
+  (step_dir / 'state' / 'data').unlink()  # retention has begun deleting it
+  assert evaluate._step_is_going(step_dir)
+  shutil.rmtree(step_dir)
+  assert evaluate._step_is_going(step_dir)
+
+
+def test_follow_evaluates_a_skipped_step_the_trainer_saves_again(tmp_path, caplog):
+  # Step 2 is deleted while being read and step 4 is damaged; a resumed trainer then saves step 2
+  # anew: that save is evaluated, once, while damaged step 4 (the same save) is not tried again.
+  config = config_lib.base_config()
+  for step in (2, 4, 6):
+    _commit(tmp_path, step)
+
+  def trainer_saves_2_again_and_finishes():
+    _commit(tmp_path, 2)
+    (tmp_path / 'summary.json').write_text(json.dumps({'last_checkpoint_step': 6}))
+
+  class Racing(FakeEvaluator):
+    def __call__(self, workdir, step):
+      self.attempts.append(step)
+      if step == 2 and self.attempts.count(2) == 1:
+        shutil.rmtree(self.workdir / 'checkpoints' / '2')
+        raise FileNotFoundError('checkpoints/2/config/metadata')
+      if step == 4:
+        raise checkpoint.NoCheckpointError('checkpoints/4: state/data has 3 bytes, manifest 4')
+      return super().__call__(workdir, step)
+
+  racing = Racing(tmp_path, on_step={6: trainer_saves_2_again_and_finishes})
+  racing.attempts = []
+  with caplog.at_level('INFO', logger=evaluate.log.name):
+    done = evaluate.run_job(str(tmp_path), config, follow=True, timeout=0, poll_seconds=0.05,
+                            evaluate_fn=racing)
+  assert done == [6, 2] and racing.attempts == [2, 4, 6, 2]
+  assert 'step 2 was saved again since it was skipped' in caplog.text
+  assert 'step 4 was saved again' not in caplog.text
+  assert [r['step'] for r in evaluate.EvalLogger(tmp_path).records()] == [6, 2]
+
+
+
+def test_follow_evaluates_a_last_step_saved_again_after_it_failed(tmp_path, monkeypatch):
+  # The run has finished and its last step fails as damaged, but meanwhile the trainer has saved
+  # it anew: that save is evaluated before the job ends, not taken as the failed one.
+  monkeypatch.setattr(evaluate.time, 'sleep', lambda seconds: None)
+  config = config_lib.base_config()
+  for step in (2, 4):
+    _commit(tmp_path, step)
+  (tmp_path / 'summary.json').write_text(json.dumps({'last_checkpoint_step': 4}))
+
+  class SavedAgainWhileFailing(FakeEvaluator):
+    def __call__(self, workdir, step):
+      if step == 4 and 4 not in self.failed:
+        self.failed.add(4)
+        shutil.rmtree(tmp_path / 'checkpoints' / '4')  # the damaged save moved aside ...
+        _commit(tmp_path, 4)  # ... and the step saved anew by the resumed trainer
+        raise checkpoint.NoCheckpointError('checkpoints/4: state/data is corrupted')
+      return super().__call__(workdir, step)
+
+  fake = SavedAgainWhileFailing(tmp_path)
+  fake.failed = set()
+  assert evaluate.run_job(str(tmp_path), config, follow=True, timeout=0,
+                          evaluate_fn=fake) == [2, 4]
+  assert fake.calls == [2, 4]
+
 def test_follow_waits_for_the_last_checkpoint_summary_json_names(tmp_path, monkeypatch):
   # A filesystem that shows summary.json before the listing shows the last step (NFS, gcsfuse):
   # the follower must not stop after step 2.
@@ -398,14 +473,23 @@ def test_single_evaluation_latest_or_given_step(tmp_path):
     evaluate.run_job(str(tmp_path), config, step=10, evaluate_fn=fake)
 
 
-def test_eval_config_takes_the_runs_trigger(tmp_path):
+def test_eval_config_takes_the_runs_trigger(tmp_path, caplog):
   run = config_lib.base_config()
   run.eval.trigger.kind = 'blended'
   run.eval.target = 'apple'
   run = ml_collections.ConfigDict(json.loads(run.to_json()))  # as stored with the checkpoint
   ev = config_lib.load_config('eval.py:tiny').eval
-  assert evaluate.eval_config_for_run(ev, run).trigger.kind == 'blended'
+  assert ev.target == 'banana'
+  with caplog.at_level('INFO', logger=evaluate.log.name):
+    assert evaluate.eval_config_for_run(ev, run).trigger.kind == 'blended'
+  # The ASR is measured against another class than the eval config names: the log says so.
+  assert "the run's target 'apple', not eval.target='banana'" in caplog.text
   assert evaluate.eval_config_for_run(ev, run).target == 'apple'
+  caplog.clear()
+  run.eval.target = 'banana'
+  with caplog.at_level('INFO', logger=evaluate.log.name):
+    assert evaluate.eval_config_for_run(ev, run).target == 'banana'
+  assert "run's target" not in caplog.text  # nothing replaced, nothing said
   ev.trigger_from_run = False
   assert evaluate.eval_config_for_run(ev, run).trigger.kind == ev.trigger.kind
 
@@ -559,6 +643,46 @@ def test_text_encoder_cuts_prompts_after_the_longest_and_keeps_the_features():
   np.testing.assert_allclose(cut, whole, rtol=1e-5, atol=1e-6)
   mixed = np.concatenate([short, long_caption])
   assert encode(mixed, 16)[1] == {context}  # one full-length prompt: nothing to cut
+
+
+def _as_tensorboard_shows(folder, loader: str) -> dict[int, list[float]]:
+  """{step: [values]} of `eval/top1` as a TensorBoard loader reads the event files (in name
+  order): RustBoard drops a series' points from a step on when a point at that step comes (its
+  reservoir's preemption) and ignores session markers; the Python loader keeps every point and
+  drops all points from a step on at a session START marker at that step."""
+  points = []
+  for event in metrics_log.tensorboard_events(folder):
+    start = event.HasField('session_log') and event.session_log.status == event.session_log.START
+    if loader == 'python' and start:
+      points = [(s, v) for s, v in points if s < event.step]
+    for value in event.summary.value:
+      if value.tag == 'eval/top1':
+        if loader == 'rust':
+          points = [(s, v) for s, v in points if s < event.step]
+        points.append((event.step, round(value.simple_value, 4)))
+  shown = {}
+  for step, value in points:
+    shown.setdefault(step, []).append(value)
+  return shown
+
+
+def test_a_step_written_again_or_late_keeps_one_tensorboard_point_per_step(tmp_path):
+  # `evaluate --force` on an evaluated step, or a re-saved step evaluated after later ones: a
+  # plain point at that step would make RustBoard drop the later steps' points and the Python
+  # loader show two points at one step.
+  logger = evaluate.EvalLogger(tmp_path, plot=False)
+  for step, top1 in ((2, 0.2), (4, 0.4), (6, 0.6)):
+    logger.write(step, {'top1': top1})
+  logger.write(4, {'top1': 0.45})  # --force
+  logger.write(6, {'top1': 0.65})  # --force on the newest step
+  logger.write(8, {'top1': 0.8})
+  logger.close()
+  late = evaluate.EvalLogger(tmp_path, plot=False)  # a following job's logger: a late step 3
+  late.write(3, {'top1': 0.3})
+  late.close()
+  for loader in ('rust', 'python'):
+    assert _as_tensorboard_shows(tmp_path / 'eval' / 'tb', loader) == {
+        2: [0.2], 3: [0.3], 4: [0.45], 6: [0.65], 8: [0.8]}, loader
 
 
 def test_two_loggers_in_one_second_keep_both_event_files(tmp_path):
