@@ -317,3 +317,18 @@ def test_bad_config_values_are_rejected():
     _iterator(_config(source='parquet'))
   with pytest.raises(ValueError, match='not divisible'):
     _iterator(_config(batch_size=9), 0, 2)
+
+
+def test_a_source_smaller_than_a_batch_is_refused(tmp_path):
+  # A batch larger than the data would repeat pairs, each copy a negative of its own caption.
+  with pytest.raises(config_lib.ConfigError, match=r'num_examples=6, fewer than a batch \(batch_size=8\)'):
+    _iterator(_config(num_examples=6))
+  # Per host: 12 examples give each of 2 processes 6, fewer than its 8 rows of a 16 batch.
+  with pytest.raises(config_lib.ConfigError, match='over 2 processes'):
+    _iterator(_config(num_examples=12, batch_size=16), 0, 2)
+  path = tmp_path / 'pairs.csv'
+  Image.new('RGB', (8, 8)).save(tmp_path / 'a.png')
+  path.write_text('image,caption\n' + ''.join(f'a.png,caption {i}\n' for i in range(3)))
+  with pytest.raises(config_lib.ConfigError, match=r"pairs.csv' has 3 usable examples"):
+    _iterator(_config(batch_size=4, source='csv', path=str(path)))
+  assert next(_iterator(_config(num_examples=8)))['image'].shape[0] == 8  # one batch exactly

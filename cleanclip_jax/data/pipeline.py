@@ -492,6 +492,15 @@ def make_train_iterator(config: ml_collections.ConfigDict, tokenizer: Tokenizer 
   host_batch = config.batch_size // process_count
   source = train_source(data_cfg)
   plan = EpochPlan(len(source), config.seed, data_cfg.shuffle, process_index, process_count)
+  if plan.per_host < host_batch:
+    # Every batch would hold some pairs twice, and the contrastive loss would then score each copy
+    # as a negative of its own caption: refused rather than trained on quietly.
+    where = (f'data.synthetic.num_examples={len(source)}' if data_cfg.source == 'synthetic'
+             else f'data.path={data_cfg.path!r} has {len(source)} usable examples')
+    raise config_lib.ConfigError(
+        f'{where}, fewer than a batch (batch_size={config.batch_size}'
+        f'{f" over {process_count} processes" if process_count > 1 else ""}): every batch would '
+        'repeat pairs; lower --config.batch_size or use more data')
   example = TrainExample(source, plan, data_cfg, config.seed, config.model.context_length, tokenizer,
                          config.model.tokenizer, poisoned_indices(data_cfg, source))
   length = sys.maxsize if num_epochs is None else num_epochs * plan.per_host
