@@ -27,7 +27,7 @@ import sys
 import time
 
 from cleanclip_jax import config as config_lib
-from cleanclip_jax import cpu_dots, host_memory
+from cleanclip_jax import cpu_dots, host_memory, metrics_log
 
 # stage (a preset of configs/demo.py) -> human label, in the order they run
 LABELS = {
@@ -61,7 +61,12 @@ def _check_workdir(root: pathlib.Path, settings: dict) -> None:
   """
   path = root / 'demo_settings.json'
   if path.exists():
-    previous = json.loads(path.read_text())
+    try:
+      previous = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+      # Without it the stages' settings cannot be checked, and a guess could mix two studies.
+      raise SystemExit(f'{path} is damaged ({e}); delete it to resume this study with the '
+                       'current settings, or use another --workdir') from e
     changed = {k: (previous.get(k), v) for k, v in settings.items()
                if k != 'stages' and previous.get(k) != v}
     if 'stages' not in previous:  # a study recorded before per-stage fingerprints
@@ -75,7 +80,7 @@ def _check_workdir(root: pathlib.Path, settings: dict) -> None:
       raise SystemExit(f'{root} holds a study with other settings ({changed}, as (old, new)); '
                        'use another --workdir or the same settings to resume it')
     settings = dict(settings, stages={**old_stages, **settings['stages']})
-  path.write_text(json.dumps(settings, indent=1))
+  metrics_log.write_text_atomic(path, json.dumps(settings, indent=1))
 
 
 def _fingerprints(stages) -> dict[str, str]:
@@ -94,17 +99,21 @@ def _train_seconds(stage_dir: pathlib.Path) -> float:
 
 def _evaluate_stage(stage_dir: pathlib.Path, config):
   """The evaluator's metrics of the stage's final checkpoint (cached in `demo_eval.json`)."""
+  from cleanclip_jax import checkpoint, evaluate, sharding
   cache = stage_dir / 'demo_eval.json'
   if cache.exists():
-    return json.loads(cache.read_text())
-  from cleanclip_jax import checkpoint, evaluate, sharding
+    try:
+      return json.loads(cache.read_text())
+    except json.JSONDecodeError:
+      # Written whole now; a study killed mid-write by older code may hold a torn one.
+      logging.warning('%s is damaged; evaluating the stage again', cache)
   # The evaluation job's own path: the model comes from the config the trainer stored with the
   # checkpoint (e.g. the supervised head's class count), the trigger from the stage's config.eval.
   step = checkpoint.committed_steps(str(stage_dir))[-1]
   metrics = evaluate.evaluate_checkpoint(str(stage_dir), step, config,
                                          sharding.make_mesh(config.mesh))
   metrics = {k: float(v) for k, v in metrics.items()}
-  cache.write_text(json.dumps(metrics, indent=1))
+  metrics_log.write_text_atomic(cache, json.dumps(metrics, indent=1))
   return metrics
 
 
@@ -185,8 +194,8 @@ def run(workdir: str, attack: str = 'blended', target: str = 'banana', seed: int
       'study_seconds': round(sum(row['stage_seconds'] for row in rows), 1),
       'load_average': [round(x, 2) for x in os.getloadavg()],
   }
-  (root / 'report.json').write_text(json.dumps(report, indent=1, default=str))
-  (root / 'report.md').write_text(_markdown(report))
+  metrics_log.write_text_atomic(root / 'report.json', json.dumps(report, indent=1, default=str))
+  metrics_log.write_text_atomic(root / 'report.md', _markdown(report))
   _plot(report, root / 'report.png')
   print((root / 'report.md').read_text(), flush=True)
   return report

@@ -50,10 +50,17 @@ def truncate_jsonl(path: str | os.PathLike, last_step: int) -> int:
   raw_lines = sum(1 for line in path.read_text().splitlines() if line.strip())
   if raw_lines == len(kept):
     return 0
-  tmp = path.with_name(path.name + '.tmp')
-  tmp.write_text(''.join(json.dumps(r) + '\n' for r in kept))
-  os.replace(tmp, path)
+  write_text_atomic(path, ''.join(json.dumps(r) + '\n' for r in kept))
   return raw_lines - len(kept)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+  """Writes `text` to a sibling temporary file and renames it over `path`: a kill leaves the old
+  file or the new one, never a torn one that the next run (a resume, a cached stage) cannot read."""
+  path = pathlib.Path(path)
+  tmp = path.with_name(path.name + '.tmp')
+  tmp.write_text(text)
+  os.replace(tmp, path)
 
 
 def _jsonable(value: Any) -> Any:

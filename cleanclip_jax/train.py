@@ -313,9 +313,7 @@ def _progress_bar(total: int, initial: int):
 def _write_json(path: pathlib.Path, value: dict) -> None:
   if jax.process_index() != 0:
     return
-  tmp = path.with_name(path.name + '.tmp')
-  tmp.write_text(json.dumps(value, indent=1, sort_keys=True, default=str))
-  os.replace(tmp, path)
+  metrics_log.write_text_atomic(path, json.dumps(value, indent=1, sort_keys=True, default=str))
 
 
 _STEP_FUNCTIONS: dict = {}

@@ -68,8 +68,9 @@ def test_fast_study_reports_every_stage_and_resumes(tmp_path, capsys, monkeypatc
   assert {stage: (workdir / stage / 'summary.json').stat().st_mtime_ns for stage in RUN_STAGES} == mtimes
   assert [(r['clean_top1'], r['asr']) for r in again['rows']] == \
       [(r['clean_top1'], r['asr']) for r in report['rows']]
-  # Those come from the cache; evaluating a stage again from its checkpoint gives them too.
-  (workdir / 'finetune_cleanclip' / 'demo_eval.json').unlink()
+  # Those come from the cache; evaluating a stage again from its checkpoint gives them too, as it
+  # does for a cache torn by a kill.
+  (workdir / 'finetune_cleanclip' / 'demo_eval.json').write_text('{"clean_top1": 0.')
   fresh = demo.run(str(workdir), attack='badnet', target='apple', seed=3, fast=True)
   assert fresh['rows'][2]['stage'] == 'finetune_cleanclip'
   assert fresh['rows'][2]['metrics'] == report['rows'][2]['metrics'] | {
@@ -102,6 +103,9 @@ def test_workdir_check_names_a_changed_stage_and_welcomes_an_added_one(tmp_path)
     demo._check_workdir(tmp_path, dict(base, stages={'pretrain': 'a', 'finetune_cleanclip': 'x'}))
   with pytest.raises(SystemExit, match=r"'seed': \(0, 1\)"):
     demo._check_workdir(tmp_path, dict(base, seed=1, stages={'pretrain': 'a'}))
+  (tmp_path / 'demo_settings.json').write_text('{"attack": "blen')  # torn by a kill (older code)
+  with pytest.raises(SystemExit, match='demo_settings.json is damaged'):
+    demo._check_workdir(tmp_path, dict(base, stages={'pretrain': 'a'}))
 
 
 def test_list_classes_and_bad_target(capsys, tmp_path):

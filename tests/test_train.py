@@ -157,6 +157,18 @@ def test_resume_cuts_a_metrics_log_with_a_damaged_line(tmp_path):
   assert [r['step'] for r in metrics_log.read_jsonl(path)] == [1, 2, 4]
 
 
+def test_an_interrupted_atomic_write_leaves_the_old_file(tmp_path, monkeypatch):
+  path = tmp_path / 'summary.json'
+  metrics_log.write_text_atomic(path, '{"steps": 1}')
+
+  def killed(*_):
+    raise KeyboardInterrupt  # as if the process died between writing and renaming
+  monkeypatch.setattr(metrics_log.os, 'replace', killed)
+  with pytest.raises(KeyboardInterrupt):
+    metrics_log.write_text_atomic(path, '{"steps": 2}')
+  assert json.loads(path.read_text()) == {'steps': 1}
+
+
 def test_preemption_sync_point_counts_checks_not_steps(monkeypatch):
   # jax's sync manager, given a notice before any check, stops at the id one past the last one it
   # saw (0): 1. A run resumed at step 1000 asked it about steps 1001, 1002, ... and never stopped.
