@@ -77,7 +77,7 @@ def tar_items(folder: str, skipped: dict[str, int]) -> Iterator[dict]:
 
 
 def _tar_examples(shard: str, skipped: dict[str, int]) -> Iterator[dict]:
-  group, key, tar, reading = {}, None, None, None
+  group, key, tar, reading, lost = {}, None, None, None, None
   try:
     # Members are read in order, never extracted; not streamed ('r|'), so the end can be checked.
     with tarfile.open(shard, 'r:*') as tar:
@@ -101,22 +101,20 @@ def _tar_examples(shard: str, skipped: dict[str, int]) -> Iterator[dict]:
         reading = None
       # tarfile ends an archive quietly at an invalid or truncated header past the first one, so
       # the examples after it would be lost uncounted. A whole archive holds only zero blocks there.
-      damaged = _holds_data_from(tar.fileobj, tar.offset)
+      if _holds_data_from(tar.fileobj, tar.offset):
+        lost = (tar.offset, 'data past the last readable tar header (damaged or cut short); '
+                            'the rest of the shard is lost')
   except (tarfile.TarError, EOFError, OSError) as e:
-    # The example being read is incomplete; the ones before it are whole and kept, and so is one
-    # whose members were all read when the next header could not be.
-    if reading is None and _has_image_and_caption(group):
-      yield _tar_example(shard, key, group)
-    offset = reading.offset if reading else tar.offset if tar else 0
-    _count(skipped, 'corrupt_tar', f'{shard} at byte {offset} (after {key}): {type(e).__name__}: {e}')
-    return
-  if damaged:
-    if _has_image_and_caption(group):
-      yield _tar_example(shard, key, group)
-    _count(skipped, 'corrupt_tar', f'{shard} at byte {tar.offset} (after {key}): data past the last '
-                                   'readable tar header (damaged or cut short); the rest of the shard is lost')
-  elif group:
+    if reading is not None:
+      group = {}  # the example being read is incomplete
+    lost = (reading.offset if reading else tar.offset if tar else 0, f'{type(e).__name__}: {e}')
+  # The examples before a damaged spot are whole and kept, and so is the last one when all its
+  # members were read before the next header failed; at a clean end the last group is kept as is
+  # (`_tar_example` counts what it lacks).
+  if group and (lost is None or _has_image_and_caption(group)):
     yield _tar_example(shard, key, group)
+  if lost is not None:
+    _count(skipped, 'corrupt_tar', f'{shard} at byte {lost[0]} (after {key}): {lost[1]}')
 
 
 def _holds_data_from(fileobj, offset: int) -> bool:
