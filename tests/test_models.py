@@ -250,3 +250,19 @@ def test_overrides_and_errors():
     models.create_model('tiny-vit', image_sise=64)
   with pytest.raises(ValueError, match='dtype'):
     models.create_model('tiny-vit', dtype='float8')
+
+
+def test_gelu_is_torchs_exact_gelu():
+  # The erf form (faster on XLA:CPU than jax.nn.gelu's erfc form) must stay the exact GELU that
+  # torch.nn.GELU() computes, in value and in gradient, tails included.
+  torch = pytest.importorskip('torch')
+  from cleanclip_jax.models import transformer
+  x = np.concatenate([np.linspace(-9, 9, 3001), [-30.0, -5.5, 0.0, 5.5, 30.0]]).astype(np.float32)
+  value = transformer.gelu(jnp.asarray(x))
+  grad = jax.grad(lambda v: jnp.sum(transformer.gelu(v)))(jnp.asarray(x))
+  reference = torch.tensor(x, requires_grad=True)
+  torch.nn.functional.gelu(reference).sum().backward()
+  np.testing.assert_allclose(value, torch.nn.functional.gelu(torch.tensor(x)).numpy(), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(grad, reference.grad.numpy(), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(value, jax.nn.gelu(x, approximate=False), rtol=1e-6, atol=1e-6)
+  assert not np.allclose(value, jax.nn.gelu(x, approximate=True), rtol=1e-6, atol=1e-6)
