@@ -99,7 +99,6 @@ def _train_seconds(stage_dir: pathlib.Path) -> float:
 
 def _evaluate_stage(stage_dir: pathlib.Path, config):
   """The evaluator's metrics of the stage's final checkpoint (cached in `demo_eval.json`)."""
-  from cleanclip_jax import checkpoint, evaluate, sharding
   cache = stage_dir / 'demo_eval.json'
   if cache.exists():
     try:
@@ -107,6 +106,7 @@ def _evaluate_stage(stage_dir: pathlib.Path, config):
     except json.JSONDecodeError:
       # Written whole now; a study killed mid-write by older code may hold a torn one.
       logging.warning('%s is damaged; evaluating the stage again', cache)
+  from cleanclip_jax import checkpoint, evaluate, sharding
   # The evaluation job's own path: the model comes from the config the trainer stored with the
   # checkpoint (e.g. the supervised head's class count), the trigger from the stage's config.eval.
   step = checkpoint.committed_steps(str(stage_dir))[-1]

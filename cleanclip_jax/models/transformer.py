@@ -34,8 +34,8 @@ def quick_gelu(x):
 def gelu(x):
   """Exact GELU in torch.nn.GELU()'s own form, x / 2 (1 + erf(x / sqrt 2))."""
   # Not jax.nn.gelu(approximate=False): it goes through erfc, whose XLA:CPU expansion made the
-  # forward and gradient 2.8x / 1.4x slower than erf's on the Zen 5 CPU (3% of the CLIP step there;
-  # README, 'Performance').
+  # forward and gradient 2.8x / 1.4x slower than erf's on the Zen 5 CPU (2.5-2.7% of the CLIP
+  # step there; README, 'Performance').
   return 0.5 * x * (1 + jax.lax.erf(x * jnp.asarray(2 ** -0.5, x.dtype)))
 
 
