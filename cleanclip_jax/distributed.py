@@ -103,6 +103,8 @@ def _broadcast_bytes(data: bytes) -> bytes:
   """Process 0's `data` on every process (the others pass b''): its length first, so every
   process can allocate the buffer the second broadcast fills."""
   length = int(multihost_utils.broadcast_one_to_all(np.int32(len(data))))
-  buffer = np.zeros(length, np.uint8)
+  # Sized to a power of two: each buffer shape compiles a broadcast of its own, and a follow job
+  # sends a listing of another length at almost every poll.
+  buffer = np.zeros(max(64, 1 << (length - 1).bit_length()), np.uint8)
   buffer[:len(data)] = np.frombuffer(data, np.uint8)
-  return bytes(multihost_utils.broadcast_one_to_all(buffer))
+  return bytes(multihost_utils.broadcast_one_to_all(buffer)[:length])

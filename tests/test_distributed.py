@@ -72,6 +72,22 @@ def test_process_0_alone_computes_and_the_others_get_its_value_or_its_failure(mo
                     distributed.ProcessZeroFailed)
 
 
+
+def test_broadcast_buffers_come_in_few_sizes(monkeypatch):
+  # Each buffer shape compiles its own broadcast program: listings of 1..300 steps (a follow job's
+  # polls) must share a handful of shapes, not bring one each.
+  processes = TwoProcesses(monkeypatch)
+  for n in range(1, 301):
+    listing = list(range(0, 2 * n, 2))
+    assert processes.on(0, distributed.from_process_0, listing) == listing
+    assert processes.on(1, distributed.from_process_0, listing) == listing
+  shapes = set()
+  monkeypatch.setattr(distributed.multihost_utils, 'broadcast_one_to_all',
+                      lambda value: shapes.add(np.shape(value)) or np.asarray(value))
+  for n in range(1, 301):
+    processes.on(0, distributed.from_process_0, list(range(0, 2 * n, 2)))
+  assert len(shapes) <= 8, sorted(shapes)
+
 def _commit(workdir, step):
   step_dir = workdir / 'checkpoints' / str(step)
   (step_dir / 'state').mkdir(parents=True)
