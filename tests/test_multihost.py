@@ -98,12 +98,19 @@ def test_launcher_refuses_a_missing_program():
   assert 'Traceback' not in done.stderr
 
 
-def test_launcher_stops_everyone_when_one_rank_fails():
-  script = ('import os, sys, time\n'
+def test_launcher_stops_everyone_when_one_rank_fails(tmp_path):
+  # Rank 1 fails only once the others have printed (each leaves a file): on a busy machine it
+  # could otherwise fail, and be noticed, before they have even started.
+  script = ('import os, pathlib, sys, time\n'
             'rank = int(os.environ["CLEANCLIP_PROCESS_ID"])\n'
             'print("hello from", rank, os.environ["CLEANCLIP_NUM_PROCESSES"], os.environ["JAX_COORDINATOR_ADDRESS"],'
             ' os.environ["XLA_FLAGS"], flush=True)\n'
-            'sys.exit(3) if rank == 1 else time.sleep(120)\n')
+            f'ready = pathlib.Path({str(tmp_path)!r})\n'
+            '(ready / str(rank)).touch()\n'
+            'if rank != 1: time.sleep(120)\n'
+            'deadline = time.time() + 30\n'
+            'while not all((ready / r).exists() for r in "02") and time.time() < deadline: time.sleep(0.05)\n'
+            'sys.exit(3)\n')
   started = time.time()
   result = subprocess.run([sys.executable, LAUNCHER, '--num_processes', '3', '--devices_per_process', '2',
                            '--', sys.executable, '-c', script], capture_output=True, text=True,
