@@ -22,7 +22,16 @@ thing). It leaves XLA_FLAGS alone when:
     not say cpu: there the CPU backend computes nothing that matters, and an XLA_FLAGS entry that
     a jaxlib does not know aborts the process, so a GPU or TPU machine running another jaxlib than
     the pinned one must not be handed flags it may not know;
-  - JAX's backends already exist (the flags would be ignored; it logs a warning instead).
+  - JAX's backends already exist (the flags would be ignored; it logs a warning instead);
+  - the CPU has no AVX-512 (`/proc/cpuinfo` lists no `avx512f`, or there is no such file). On an
+    AVX2-only AMD EPYC (family 25, model 1; oneDNN 3.7.3 inside jaxlib 0.10.2, which then picks
+    its `gemm:jit:f32` kernels) the `bench-vit` step corrupted the heap within its first steps on
+    2 threads in every one of 7 runs ("malloc(): unaligned tcache chunk detected", "double free or
+    corruption"; torch not imported; with and without `host_memory`; the tenth session's code
+    alike), and ran with XLA's own dots. With `--xla_cpu_multi_thread_eigen=false` (oneDNN on one
+    thread) it ran, so the fault lies in oneDNN's multi-threaded AVX2 path, not in this code. Every
+    speed and thread figure behind this route is from AVX-512 CPUs (README, 'Performance'). A user
+    who wants it anyway sets the flags in XLA_FLAGS.
 """
 
 from __future__ import annotations
@@ -47,7 +56,7 @@ def route_dots_to_onednn() -> bool:
     return True
   if os.environ.get(_OPT_OUT, '1') == '0' or 'onednn' in existing:
     return False
-  if not cpu_is_the_backend():
+  if not cpu_is_the_backend() or not cpu_has_avx512():
     return False
   if xla_bridge.backends_are_initialized():
     logging.warning('cpu_dots: JAX backends already exist, so XLA CPU dots stay as they are; '
@@ -69,16 +78,29 @@ def cpu_is_the_backend() -> bool:
               or bool(importlib.metadata.entry_points(group='jax_plugins')))
 
 
+def cpu_has_avx512() -> bool:
+  """Whether /proc/cpuinfo lists `avx512f` for the first CPU (False where it cannot be read)."""
+  return 'avx512f' in _first_cpu_fields().get('flags', '').split()
+
+
+def _first_cpu_fields() -> dict[str, str]:
+  # The first processor's block of /proc/cpuinfo as {field: value}; {} where there is none.
+  try:
+    with open('/proc/cpuinfo', encoding='utf-8') as f:
+      block = f.read().split('\n\n')[0]
+  except OSError:
+    return {}
+  fields = dict(line.split(':', 1) for line in block.splitlines() if ':' in line)
+  return {key.strip(): value.strip() for key, value in fields.items()}
+
+
 def cpu_model() -> str:
   """The host CPU as /proc/cpuinfo names it (with its family / model numbers, which tell CPU
   generations apart where the name does not, e.g. 'AMD EPYC'), for benchmark records: the
   matmul peak, and so every MFU and speed ratio, depend on it."""
-  try:
-    with open('/proc/cpuinfo', encoding='utf-8') as f:
-      fields = dict(line.split(':', 1) for line in f.read().split('\n\n')[0].splitlines() if ':' in line)
-  except OSError:
+  fields = _first_cpu_fields()
+  if not fields:
     import platform  # pylint: disable=g-import-not-at-top
     return platform.processor() or platform.machine()
-  fields = {key.strip(): value.strip() for key, value in fields.items()}
   return (f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')}, "
           f"model {fields.get('model', '?')})")

@@ -41,21 +41,48 @@ def _child(**env_changes):
 
 
 def test_dots_become_onednn_matmuls_with_f32_accuracy():
-  on = _child()
+  default = _child()
   off = _child(CLEANCLIP_ONEDNN_DOTS='0')
   # JAX_PLATFORMS unset, as on a user's CPU machine: no GPU / TPU plugin here, so the CPU it is.
   unset = _child(JAX_PLATFORMS=None)
-  assert on['applied'] and on['again'] and on['onednn'] > 0
-  assert unset['applied'] and unset['onednn'] > 0
+  # The flags set by hand, as a user does to have them on a CPU without AVX-512 (the route's
+  # own check keeps them off there): they are reported as in effect and every dot is oneDNN's.
+  forced = _child(XLA_FLAGS=' '.join(('--xla_force_host_platform_device_count=1', *cpu_dots.FLAGS)))
+  routed = cpu_dots.cpu_has_avx512()
+  for result in (default, unset):
+    assert result['applied'] == result['again'] == routed
+    assert (result['onednn'] > 0) == routed
+  assert forced['applied'] and forced['again'] and forced['onednn'] > 0
   assert not off['applied'] and not off['again'] and off['onednn'] == 0
   rng = np.random.default_rng(0)  # the child's inputs, and its gradients in float64
   x, w, y = (rng.standard_normal(shape).astype(np.float32).astype(np.float64)
              for shape in ((96, 64), (64, 32), (96, 32)))
   residual = x @ w - y
   exact = {'gw': x.T @ residual, 'gx': residual @ w.T}
-  for result in (on, off, unset):  # the same products, summed in other orders: all f32-accurate
+  for result in (default, off, unset, forced):  # the same products, summed in other orders: all f32-accurate
     for name, value in exact.items():
       np.testing.assert_allclose(result[name], value, rtol=1e-5, atol=1e-5 * np.abs(value).max())
+
+
+def test_routes_only_on_cpus_with_avx512(monkeypatch):
+  # XLA's oneDNN matmuls corrupted the heap on 2 threads of an AVX2-only CPU (cpu_dots docstring).
+  monkeypatch.setenv('XLA_FLAGS', '')
+  monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
+  monkeypatch.delenv('CLEANCLIP_ONEDNN_DOTS', raising=False)
+  monkeypatch.setattr(cpu_dots.xla_bridge, 'backends_are_initialized', lambda: False)
+  avx2 = {'model name': 'AMD EPYC', 'flags': 'fpu sse2 avx avx2 fma'}
+  monkeypatch.setattr(cpu_dots, '_first_cpu_fields', lambda: avx2)
+  assert not cpu_dots.cpu_has_avx512()
+  assert not cpu_dots.route_dots_to_onednn()
+  assert os.environ['XLA_FLAGS'] == ''
+  monkeypatch.setattr(cpu_dots, '_first_cpu_fields', dict)  # no /proc/cpuinfo
+  assert not cpu_dots.route_dots_to_onednn()
+  assert os.environ['XLA_FLAGS'] == ''
+  avx512 = dict(avx2, flags=avx2['flags'] + ' avx512f avx512bw')
+  monkeypatch.setattr(cpu_dots, '_first_cpu_fields', lambda: avx512)
+  assert cpu_dots.cpu_has_avx512()
+  assert cpu_dots.route_dots_to_onednn()
+  assert os.environ['XLA_FLAGS'].split() == list(cpu_dots.FLAGS)
 
 
 def test_leaves_xla_flags_alone_when_told_or_not_on_cpu(monkeypatch):
