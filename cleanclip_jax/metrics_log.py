@@ -56,11 +56,34 @@ def truncate_jsonl(path: str | os.PathLike, last_step: int) -> int:
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
   """Writes `text` to a sibling temporary file and renames it over `path`: a kill leaves the old
-  file or the new one, never a torn one that the next run (a resume, a cached stage) cannot read."""
+  file or the new one, never a torn one that the next run (a resume, a cached stage) cannot read.
+
+  The data is fsynced before the rename and the directory after it: without the first, a host
+  crash (not just a killed process) can leave the renamed name pointing at an empty file, since
+  the kernel may write the rename to disk before the data."""
   path = pathlib.Path(path)
   tmp = path.with_name(path.name + '.tmp')
-  tmp.write_text(text)
+  with open(tmp, 'w') as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
   os.replace(tmp, path)
+  _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: pathlib.Path) -> None:
+  """Makes a rename inside `directory` durable; best effort, as some file systems (and every
+  non-POSIX one) refuse to open or sync a directory."""
+  try:
+    fd = os.open(directory, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
 
 
 def _jsonable(value: Any) -> Any:

@@ -169,6 +169,27 @@ def test_an_interrupted_atomic_write_leaves_the_old_file(tmp_path, monkeypatch):
   assert json.loads(path.read_text()) == {'steps': 1}
 
 
+def test_an_atomic_write_syncs_the_data_before_the_rename(tmp_path, monkeypatch):
+  # A host crash after an unsynced rename can leave the new name on an empty file.
+  path = tmp_path / 'summary.json'
+  events, real_fsync, real_replace = [], os.fsync, os.replace
+
+  def fsync(fd):
+    events.append(('fsync', os.path.realpath(f'/proc/self/fd/{fd}')))
+    real_fsync(fd)
+
+  def replace(src, dst):
+    events.append(('replace', str(dst)))
+    real_replace(src, dst)
+  monkeypatch.setattr(metrics_log.os, 'fsync', fsync)
+  monkeypatch.setattr(metrics_log.os, 'replace', replace)
+  metrics_log.write_text_atomic(path, '{"steps": 3}')
+  assert json.loads(path.read_text()) == {'steps': 3}
+  tmp = os.path.realpath(path.with_name(path.name + '.tmp'))
+  assert events[:2] == [('fsync', tmp), ('replace', str(path))]
+  assert ('fsync', os.path.realpath(tmp_path)) in events[2:]
+
+
 def test_preemption_sync_point_counts_checks_not_steps(monkeypatch):
   # jax's sync manager, given a notice before any check, stops at the id one past the last one it
   # saw (0): 1. A run resumed at step 1000 asked it about steps 1001, 1002, ... and never stopped.
