@@ -1,5 +1,6 @@
 """Joining a multi-process run (`jax.distributed.initialize()` where there is more than one
-process), and handing process 0's view of shared state to every process (`from_process_0`).
+process), handing process 0's view of shared state to every process (`from_process_0`), and every
+process's own figures to all of them (`all_processes`).
 
 Three ways a process learns its place, tried in order:
   1. `launch/local.py` sets `JAX_COORDINATOR_ADDRESS`, `CLEANCLIP_NUM_PROCESSES` and
@@ -99,12 +100,29 @@ def from_process_0(value: Any) -> Any:
   return received['value']
 
 
+def all_processes(value: Any) -> list[Any]:
+  """Every process's JSON-able `value`, in process order (a collective: every process must call
+  it), as JSON decodes them, with one process as well."""
+  message = json.dumps(value).encode()
+  if jax.process_count() == 1:
+    return [json.loads(message)]
+  lengths = np.asarray(multihost_utils.process_allgather(np.int32(len(message)))).reshape(-1)
+  buffer = np.zeros(_buffer_size(int(lengths.max())), np.uint8)
+  buffer[:len(message)] = np.frombuffer(message, np.uint8)
+  rows = np.asarray(multihost_utils.process_allgather(buffer))
+  return [json.loads(bytes(row[:length])) for row, length in zip(rows, lengths)]
+
+
+def _buffer_size(length: int) -> int:
+  # A power of two: each buffer shape compiles a collective of its own, and a follow job sends a
+  # listing of another length at almost every poll.
+  return max(64, 1 << (length - 1).bit_length())
+
+
 def _broadcast_bytes(data: bytes) -> bytes:
   """Process 0's `data` on every process (the others pass b''): its length first, so every
   process can allocate the buffer the second broadcast fills."""
   length = int(multihost_utils.broadcast_one_to_all(np.int32(len(data))))
-  # Sized to a power of two: each buffer shape compiles a broadcast of its own, and a follow job
-  # sends a listing of another length at almost every poll.
-  buffer = np.zeros(max(64, 1 << (length - 1).bit_length()), np.uint8)
+  buffer = np.zeros(_buffer_size(length), np.uint8)
   buffer[:len(data)] = np.frombuffer(data, np.uint8)
   return bytes(multihost_utils.broadcast_one_to_all(buffer)[:length])

@@ -322,6 +322,18 @@ _NOT_IN_STEP = ('init_checkpoint', 'init_pytorch', 'log_every_steps', 'checkpoin
                 'keep_checkpoints', 'keep_every_steps', 'eval')
 
 
+def _stored_summary(path: pathlib.Path) -> dict | None:
+  """The finished run's summary, or None where there is none or it is damaged (the run then writes
+  it again from its records)."""
+  if not path.exists():
+    return None
+  try:
+    return json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    logging.warning('%s is unreadable (%s); writing it again', path, e)
+    return None
+
+
 def _step_function(config, model, mesh, state_shardings):
   """The jitted step, reused when `run` is called again in this process with a config that differs
   only in `_NOT_IN_STEP` (a resumed stage, the tests): compiling it is most of a small run's
@@ -381,13 +393,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
           init_params=_load_init_params(config, model))
     total = int(config.total_steps)
     finished = workdir / 'summary.json'
-    if start_step >= total and finished.exists():
-      # A rerun of a finished run (a requeued job, a repeated command): its summary stands.
-      try:
-        stored_summary = json.loads(finished.read_text())
-      except (OSError, ValueError) as e:  # damaged: written again below from the run's records
-        logging.warning('%s is unreadable (%s); writing it again', finished, e)
-      else:
+    if start_step >= total:
+      # A rerun of a finished run (a requeued job, a repeated command): its summary stands. Process
+      # 0's reading decides for all: the summary's skip counts below are a collective.
+      stored_summary = distributed.from_process_0(lambda: _stored_summary(finished))
+      if stored_summary is not None:
         logging.info('The run finished at step %d already (%s); nothing to do', start_step, finished)
         return stored_summary
     logging.info('%s step %d of %d on %d devices (mesh %s), %d processes; workdir %s',
@@ -484,6 +494,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
       records = metrics_log.read_jsonl(workdir / 'metrics.jsonl')
       if records and records[-1].get('step') == total:
         last_metrics = {k: v for k, v in records[-1].items() if k != 'step'}
+    stream_skips = distributed.all_processes(pipeline.stream_skip_counts(data_iterator))
     summary = {
         'workdir': str(workdir),
         'start_step': start_step,
@@ -493,7 +504,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
         'completed': step >= total,
         'preempted': preempted,
         'nan_skips': nan_skips,
-        'data_skips': pipeline.run_skip_counts(config.data, data_iterator),  # this process's share
+        # Every process's share of the stream (a collective: each process reaches this point).
+        'data_skips': pipeline.total_skip_counts(config.data, stream_skips),
+        'data_skips_by_process': stream_skips,
         'last_checkpoint_step': last_saved,
         'final_loss': last_metrics.get('loss'),
         'final_metrics': last_metrics,

@@ -1,5 +1,6 @@
 """distributed.from_process_0: process 0's view handed to every process, its failures too, with
-one process, with two simulated ones, and with two real ones (launch/local.py)."""
+one process, with two simulated ones, and with two real ones (launch/local.py); and
+distributed.all_processes, every process's value on every process."""
 
 import os
 import pathlib
@@ -49,6 +50,8 @@ def test_one_process_computes_in_place_without_a_collective(monkeypatch):
   assert distributed.from_process_0([1, 2]) == [1, 2]
   with pytest.raises(KeyError, match='its own error'):
     distributed.from_process_0(lambda: {}['its own error'])
+  monkeypatch.setattr(distributed.multihost_utils, 'process_allgather', no_collective)
+  assert distributed.all_processes({'not_an_image': 2, 3: (4,)}) == [{'not_an_image': 2, '3': [4]}]
 
 
 def test_process_0_alone_computes_and_the_others_get_its_value_or_its_failure(monkeypatch):
@@ -135,6 +138,8 @@ try:
 except Exception as e:
   print('raised', type(e).__name__, e, flush=True)
 print('after', distributed.from_process_0(rank * 10), flush=True)
+# Values of different lengths, the longer one past the smallest buffer.
+print('gathered', distributed.all_processes({'rank': rank, 'pad': 'x' * (100 * rank)}), flush=True)
 '''
 
 
@@ -147,6 +152,7 @@ def test_two_real_processes_agree_and_fail_together():
   for rank in (0, 1):
     assert f"[rank {rank}] value {{'chosen_by': 0}}" in done.stdout
     assert f'[rank {rank}] after 0' in done.stdout
+    assert f"[rank {rank}] gathered [{{'rank': 0, 'pad': ''}}, {{'rank': 1, 'pad': '{'x' * 100}'}}]" in done.stdout
   assert '[rank 0] raised OSError disk gone on process 0' in done.stdout
   assert ('[rank 1] raised ProcessZeroFailed process 0 failed: OSError: disk gone on process 0'
           in done.stdout)

@@ -1,5 +1,6 @@
 """launch/local.py: 2 processes x 4 CPU devices train exactly like 1 process x 8 devices."""
 
+import json
 import os
 import pathlib
 import subprocess
@@ -50,6 +51,8 @@ def test_two_processes_match_one_process(tmp_path, pack):
   assert two.returncode == 0, two.stdout[-3000:]
   assert '[rank 0]' in two.stdout and '[rank 1]' in two.stdout
   assert 'process 1 of 2, 4 local / 8 global devices' in two.stdout
+  summary = json.loads((multi / 'summary.json').read_text())
+  assert summary['num_processes'] == 2 and summary['data_skips_by_process'] == [{}, {}]
 
   # Hosts read interleaved shares of each global batch, so the multi-process batch holds the same
   # examples in another order: the losses agree to float rounding.

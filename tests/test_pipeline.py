@@ -237,6 +237,25 @@ def test_skip_counts_survive_a_resume_and_old_states_still_restore(tmp_path):
   assert pipeline.run_skip_counts(config.data, old) == {'not_an_image': 1}  # counted from zero
 
 
+def test_a_runs_skip_counts_add_up_every_process_and_count_dropped_rows_once(tmp_path):
+  # The bad image lands in one process's share; the row with an empty caption is dropped by the
+  # source, which every process reads whole.
+  path = _csv_with_a_bad_image(tmp_path)
+  path.write_text(path.read_text() + 'extra.png," "\n')
+  config = _config(batch_size=4, source='csv', path=str(path))
+  shares = [_iterator(config, process_index=p, process_count=2) for p in (0, 1)]
+  for share in shares:
+    _take(share, 4)  # 2 examples a step: past each process's 6 of the 13-example first epoch
+  streams = [pipeline.stream_skip_counts(share) for share in shares]
+  bad = [stream.get('not_an_image', 0) for stream in streams]
+  assert sum(bad) >= 1, streams
+  assert pipeline.total_skip_counts(config.data, streams) == {'not_an_image': sum(bad),
+                                                              'empty_caption': 1}
+  # Each process alone: its own share, the dropped row too.
+  assert [pipeline.run_skip_counts(config.data, share) for share in shares] == [
+      {'empty_caption': 1, **stream} for stream in streams]
+
+
 @pytest.mark.slow
 def test_workers_give_identical_batches_and_report_skips(tmp_path):
   config = _config(batch_size=4, source='csv', path=str(_csv_with_a_bad_image(tmp_path)))

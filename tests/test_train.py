@@ -56,7 +56,8 @@ def test_run_logs_every_step_and_checkpoints(reference):
   assert any(name.startswith('events.out.tfevents') for name in os.listdir(workdir / 'tensorboard'))
   stored = json.loads((workdir / 'summary.json').read_text())
   assert stored['completed'] and stored['steps'] == TOTAL and stored['nan_skips'] == 0
-  assert stored['data_skips'] == {} and stored['wall_seconds'] > 0
+  assert stored['data_skips'] == {} and stored['data_skips_by_process'] == [{}]
+  assert stored['wall_seconds'] > 0
   assert summary['final_loss'] == records[-1]['loss']
   config = checkpoint.load_config(workdir)
   assert config.total_steps == TOTAL and config.model.context_length == 8

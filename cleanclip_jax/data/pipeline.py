@@ -176,15 +176,27 @@ class _SkipCountingDataset(grain.IterDataset):
     return _SkipCountingIterator(self._parent.__iter__())
 
 
-def run_skip_counts(data_cfg: ml_collections.ConfigDict, iterator: grain.DatasetIterator) -> dict[str, int]:
-  """{'reason': count} of the inputs this process's share of a training run has skipped: rows the
-  source dropped (CSV; the same on every process) and examples `iterator` (`make_train_iterator`'s)
-  dropped since the run began, resumed parts included."""
-  counts = collections.Counter(getattr(train_source(data_cfg), 'skipped', None) or {})
+def stream_skip_counts(iterator: grain.DatasetIterator) -> dict[str, int]:
+  """{'reason': count} of the examples `iterator` (`make_train_iterator`'s, this process's share of
+  the stream) dropped since the run began, resumed parts included."""
   state = iterator.get_state()
-  if isinstance(state, dict):
-    counts.update(state.get(_STREAM_SKIPS, {}))
+  return dict(state.get(_STREAM_SKIPS, {})) if isinstance(state, dict) else {}
+
+
+def total_skip_counts(data_cfg: ml_collections.ConfigDict, streams: list[dict[str, int]]) -> dict[str, int]:
+  """{'reason': count} of a run's skips: the rows the source dropped (CSV; every process reads the
+  same rows, so they count once) plus the `stream_skip_counts` of each process in `streams`."""
+  counts = collections.Counter(getattr(train_source(data_cfg), 'skipped', None) or {})
+  for stream in streams:
+    counts.update(stream)
   return dict(counts)
+
+
+def run_skip_counts(data_cfg: ml_collections.ConfigDict, iterator: grain.DatasetIterator) -> dict[str, int]:
+  """{'reason': count} of the inputs this process's share of a training run has skipped (the
+  source's dropped rows and `iterator`'s dropped examples); the trainer's summary sums every
+  process's with `total_skip_counts`."""
+  return total_skip_counts(data_cfg, [stream_skip_counts(iterator)])
 
 
 # --- sources ---------------------------------------------------------------------------------------
