@@ -489,12 +489,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
           break
       # Still under the watch: a SIGTERM while the last save commits must not kill the commit.
       ckpt.wait()
+    # Every process's skip counts: a collective, so ahead of anything process 0 alone does here.
+    stream_skips = distributed.all_processes(pipeline.stream_skip_counts(data_iterator))
     if step >= total and not last_metrics and is_main:
       # No step ran (a kill between the final commit and summary.json): the run's last record.
       records = metrics_log.read_jsonl(workdir / 'metrics.jsonl')
       if records and records[-1].get('step') == total:
         last_metrics = {k: v for k, v in records[-1].items() if k != 'step'}
-    stream_skips = distributed.all_processes(pipeline.stream_skip_counts(data_iterator))
     summary = {
         'workdir': str(workdir),
         'start_step': start_step,
@@ -504,7 +505,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
         'completed': step >= total,
         'preempted': preempted,
         'nan_skips': nan_skips,
-        # Every process's share of the stream (a collective: each process reaches this point).
         'data_skips': pipeline.total_skip_counts(config.data, stream_skips),
         'data_skips_by_process': stream_skips,
         'last_checkpoint_step': last_saved,
