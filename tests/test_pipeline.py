@@ -238,8 +238,8 @@ def test_skip_counts_survive_a_resume_and_old_states_still_restore(tmp_path):
 
 
 def test_a_runs_skip_counts_add_up_every_process_and_count_dropped_rows_once(tmp_path):
-  # The bad image lands in one process's share; the row with an empty caption is dropped by the
-  # source, which every process reads whole.
+  # Each epoch the bad image lands in one process's share; the row with an empty caption is dropped
+  # by the source, which every process reads whole.
   path = _csv_with_a_bad_image(tmp_path)
   path.write_text(path.read_text() + 'extra.png," "\n')
   config = _config(batch_size=4, source='csv', path=str(path))
