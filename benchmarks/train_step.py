@@ -24,7 +24,9 @@ for the model's FLOPs at all 77 columns (what open_clip computes) and at the row
 (`mfu_at_tokens_fed`), since the full count would credit the skipped tokens. Then the
 sharded-loss memory check: for the dense and the sharded CLIP loss, the per-device
 temp bytes XLA plans for the loss gradient at 4 and 8 emulated CPU devices with a fixed per-device
-batch (each in a subprocess, since the device count is fixed at JAX start-up). Last line: JSON.
+batch (each in a subprocess, since the device count is fixed at JAX start-up). `--profile-torch`
+then profiles two open_clip steps with torch.profiler (the reference's ops by self CPU time, and
+its matmuls' rate). Last line: JSON.
 
 Threads: XLA's CPU runtime sizes its thread pool from the process's CPU affinity (it has no
 intra-op thread-count flag; `--xla_cpu_multi_thread_eigen=false` only switches Eigen threading off),
@@ -71,6 +73,9 @@ def _parse_args(argv=None):
                       help="the JAX steps' data.pack_captions (--no-pack-captions: one caption a "
                            'row, as open_clip feeds them)')
   parser.add_argument('--skip-memory', action='store_true')
+  parser.add_argument('--profile-torch', action='store_true',
+                      help='after the timing, profile two open_clip steps with torch.profiler: '
+                           'where the reference\'s time goes')
   parser.add_argument('--memory-devices', default='4,8')
   parser.add_argument('--memory-batch-per-device', type=int, default=256)
   # Internal: the memory-analysis child process.
@@ -248,6 +253,41 @@ def torch_step_runner(args):
   return run
 
 
+MATMUL_OPS = ('aten::mm', 'aten::addmm', 'aten::bmm', 'aten::baddbmm')
+
+
+def _matmul_flops(name: str, shapes: list) -> int:
+  """FLOPs of one call of a torch matmul op from its recorded input shapes (addmm / baddbmm
+  take the added tensor first)."""
+  left, right = shapes[1:3] if name in ('aten::addmm', 'aten::baddbmm') else shapes[:2]
+  batch = left[0] if len(left) == 3 else 1
+  return 2 * batch * left[-2] * left[-1] * right[-1]
+
+
+def profile_torch(run, steps: int = 2, top: int = 15) -> dict:
+  """torch.profiler over `steps` calls of the open_clip step: prints the ops with the most self
+  CPU time per step; returns the step's profiled self CPU time and its matmuls' time and rate."""
+  from torch.profiler import ProfilerActivity, profile
+  with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+    for _ in range(steps):
+      run()
+  events = prof.key_averages()
+  step_ms = sum(e.self_cpu_time_total for e in events) / steps / 1e3
+  print(f'open_clip step under torch.profiler: {step_ms:.0f} ms of self CPU time a step; top ops:')
+  for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]:
+    print(f'  {e.self_cpu_time_total / steps / 1e3:8.1f} ms {e.count / steps:6.0f} calls  {e.key}')
+  matmul_ms = matmul_flops = 0.0
+  for e in prof.key_averages(group_by_input_shape=True):
+    if e.key in MATMUL_OPS:
+      matmul_ms += e.self_cpu_time_total / steps / 1e3
+      matmul_flops += _matmul_flops(e.key, e.input_shapes) * e.count / steps
+  rate = matmul_flops / 1e9 / (matmul_ms / 1e3) if matmul_ms else 0.0
+  print(f'  matmuls ({", ".join(MATMUL_OPS)}): {matmul_ms:.0f} ms a step, '
+        f'{matmul_flops / 1e9:.1f} GFLOP, {rate:.1f} GFLOP/s')
+  return {'step_self_cpu_ms': round(step_ms, 1), 'matmul_ms': round(matmul_ms, 1),
+          'matmul_gflop': round(matmul_flops / 1e9, 2), 'matmul_gflops': round(rate, 1)}
+
+
 MEMORY_FORMS = ('dense', 'gather', 'ring')
 
 
@@ -376,6 +416,8 @@ def main(argv=None):
                  torch_mfu=round(flops.mfu(clip_flops, torch_rate, peak), 4))
     summary[clock] = row
   print(f'load average {os.getloadavg()}', flush=True)
+  if args.profile_torch and 'torch' in runners:
+    summary['torch_profile'] = profile_torch(runners['torch'])
   if memory:
     for name in MEMORY_FORMS:
       summary[f'{name}_loss_temp_bytes'] = {r['devices']: r[f'{name}_temp_bytes'] for r in memory}

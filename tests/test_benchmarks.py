@@ -27,14 +27,16 @@ def _run(script: str, *args: str, timeout: int = 300) -> dict:
 
 def test_train_step_benchmark_runs():
   summary = _run('train_step.py', '--model', 'tiny-vit', '--batch', '8', '--threads', '1',
-                 '--steps', '1', '--warmup', '1', '--skip-torch', '--skip-every-row',
-                 '--skip-memory')
+                 '--steps', '1', '--warmup', '1', '--skip-every-row', '--skip-memory',
+                 '--profile-torch')
   for clock in ('wall', 'cpu'):
     figures = summary[clock]
     assert figures['jax_img_per_s'] > 0 and figures['matmul_peak_gflops'] > 0
     assert 0 < figures['mfu_at_tokens_fed'] <= figures['mfu']
-    assert figures['cleanclip_over_clip_time'] > 0
+    assert figures['cleanclip_over_clip_time'] > 0 and figures['torch_img_per_s'] > 0
   assert summary['pack_captions'] and summary['text_rows'] < 8  # packed, as the trainer feeds it
+  profile = summary['torch_profile']  # the reference's step under torch.profiler
+  assert 0 < profile['matmul_ms'] < profile['step_self_cpu_ms'] and profile['matmul_gflop'] > 0
 
 
 def test_accelerator_step_benchmark_runs_on_cpu():
