@@ -80,7 +80,10 @@ def _parse_args(argv=None):
   parser.add_argument('--memory-batch-per-device', type=int, default=256)
   # Internal: the memory-analysis child process.
   parser.add_argument('--memory-child', type=int, default=0, help=argparse.SUPPRESS)
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  if args.profile_torch and args.skip_torch:
+    parser.error('--profile-torch profiles the open_clip step, which --skip-torch leaves out')
+  return args
 
 
 def _pin_threads(threads: int) -> None:
@@ -416,7 +419,7 @@ def main(argv=None):
                  torch_mfu=round(flops.mfu(clip_flops, torch_rate, peak), 4))
     summary[clock] = row
   print(f'load average {os.getloadavg()}', flush=True)
-  if args.profile_torch and 'torch' in runners:
+  if args.profile_torch:
     summary['torch_profile'] = profile_torch(runners['torch'])
   if memory:
     for name in MEMORY_FORMS:
