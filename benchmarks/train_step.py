@@ -345,7 +345,7 @@ def main(argv=None):
   # As the trainer does (CLEANCLIP_KEEP_FREED_MEMORY=0 opts out); for open_clip's step too.
   kept = host_memory.keep_freed_memory()
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-  onednn = cpu_dots.route_dots_to_onednn()  # as the trainer does (CLEANCLIP_ONEDNN_DOTS=0 opts out)
+  onednn = cpu_dots.route_dots_to_onednn()  # as the trainer does (CLEANCLIP_ONEDNN_DOTS=1 opts in)
   import jax
   from cleanclip_jax import flops, models
 

@@ -1,4 +1,4 @@
-"""Which library runs the matrix products of XLA's CPU backend: oneDNN, for every dot.
+"""Which library runs the matrix products of XLA's CPU backend: oneDNN for every dot, on request.
 
 By default XLA:CPU (jaxlib 0.10) hands dots to YNNPACK fusions, except those YNNPACK does not
 take: a left operand contracted over its major dimension, which is every weight gradient of a
@@ -8,7 +8,7 @@ were 20% of the step's time (README, 'Performance'). XLA can instead send every 
 matmul thunk (`--xla_cpu_use_onednn=true` with
 `--xla_cpu_experimental_onednn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT`): the same f32
 products, summed in another order (the first-step loss agrees to 1e-6; the open_clip parity tests
-run with it). Measured on `bench-vit`, batch 64, in alternating processes: the CLIP step takes
+pass with it). Measured on `bench-vit`, batch 64, in alternating processes: the CLIP step takes
 5-8% less time at 1 thread and 5-7% at 2 threads, the CleanCLIP step 7-10% (README,
 'Performance'). (`--xla_cpu_use_onednn=true` alone changes
 nothing; the fusion type `LIBRARY_FUSION_TYPE_DOT`, which would also fuse the dots' neighbours,
@@ -16,22 +16,36 @@ fails to compile the step.)
 
 `route_dots_to_onednn()` appends those flags to XLA_FLAGS, which XLA reads once, when JAX creates
 its first backend, so it must run before anything touches a device (the entry points call it first
-thing). It leaves XLA_FLAGS alone when:
-  - CLEANCLIP_ONEDNN_DOTS=0 is set (the opt-out), or XLA_FLAGS already names either flag;
+thing). Since the nineteenth session it is **opt-in**: it acts only where CLEANCLIP_ONEDNN_DOTS=1
+is set, and even then leaves XLA_FLAGS alone when:
+  - XLA_FLAGS already names either flag (the user's own setting wins);
   - an accelerator plugin (a `jax_plugins` package or libtpu) is installed and JAX_PLATFORMS does
     not say cpu: there the CPU backend computes nothing that matters, and an XLA_FLAGS entry that
     a jaxlib does not know aborts the process, so a GPU or TPU machine running another jaxlib than
     the pinned one must not be handed flags it may not know;
   - JAX's backends already exist (the flags would be ignored; it logs a warning instead);
-  - the CPU has no AVX-512 (`/proc/cpuinfo` lists no `avx512f`, or there is no such file). On an
-    AVX2-only AMD EPYC (family 25, model 1; oneDNN 3.7.3 inside jaxlib 0.10.2, which then picks
-    its `gemm:jit:f32` kernels) the `bench-vit` step corrupted the heap within its first steps on
-    2 threads in every one of 7 runs ("malloc(): unaligned tcache chunk detected", "double free or
-    corruption"; torch not imported; with and without `host_memory`; the tenth session's code
-    alike), and ran with XLA's own dots. With `--xla_cpu_multi_thread_eigen=false` (oneDNN on one
-    thread) it ran, so the fault lies in oneDNN's multi-threaded AVX2 path, not in this code. Every
-    speed and thread figure behind this route is from AVX-512 CPUs (README, 'Performance'). A user
-    who wants it anyway sets the flags in XLA_FLAGS.
+  - the CPU has no AVX-512 (`/proc/cpuinfo` lists no `avx512f`, or there is no such file).
+
+Why off by default: the route runs XLA's oneDNN integration (oneDNN 3.7.3 inside jaxlib 0.10.2),
+and that path is not trustworthy enough to be the default for a library whose users need numbers
+they can trust.
+  - On an AVX2-only AMD EPYC (family 25, model 1) the `bench-vit` step corrupted the heap within
+    its first steps on 2 threads in every one of 7 runs ("malloc(): unaligned tcache chunk
+    detected", "double free or corruption"; torch not imported; the route's first code alike),
+    and ran with XLA's own dots or with oneDNN on one thread.
+  - On AVX-512 CPUs, with the route on, the test suite died of a native abort three times (a full
+    run in the thirteenth and in the fifteenth session, and CI's run of the eighteenth session's
+    code), each time in `tests/test_models.py`, in XLA compiling or JAX lowering right after the
+    first small-model steps had run, as a heap corrupted earlier would; none is recorded with XLA's
+    own dots (sessions 1-9, and the AVX2 machine's full runs). It did not reproduce in isolation
+    (README, 'Nineteenth session').
+  - oneDNN's matmul has had memory-safety fixes since 3.7 for the kind of products these models
+    hand it: size-1 dimensions (the pooled last block's one query row) and 4-D operands in
+    permuted layouts (e.g. oneDNN pull requests 4632 and 5043).
+The cost of leaving it off: the speed-ups above (README, 'Performance', has this session's
+figures with and without). The same f32 products either way (the first-step loss
+agrees to 1e-6), so a user who wants the speed sets CLEANCLIP_ONEDNN_DOTS=1 (or the flags
+themselves, which also works without AVX-512).
 """
 
 from __future__ import annotations
@@ -46,15 +60,16 @@ from jax._src import xla_bridge
 
 FLAGS = ('--xla_cpu_use_onednn=true',
          '--xla_cpu_experimental_onednn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT')
-_OPT_OUT = 'CLEANCLIP_ONEDNN_DOTS'
+_OPT_IN = 'CLEANCLIP_ONEDNN_DOTS'
 
 
 def route_dots_to_onednn() -> bool:
-  """Appends `FLAGS` to XLA_FLAGS unless one of the cases above; True if they are in effect."""
+  """Appends `FLAGS` to XLA_FLAGS if CLEANCLIP_ONEDNN_DOTS=1, unless one of the cases above; True
+  if they are in effect (also when the user set them by hand)."""
   existing = os.environ.get('XLA_FLAGS', '')
   if all(flag in existing.split() for flag in FLAGS):
     return True
-  if os.environ.get(_OPT_OUT, '1') == '0' or 'onednn' in existing:
+  if os.environ.get(_OPT_IN, '0') != '1' or 'onednn' in existing:
     return False
   if not cpu_is_the_backend() or not cpu_has_avx512():
     return False

@@ -294,7 +294,7 @@ def main(argv=None):
     print('\n'.join(synthetic.CLASS_NAMES))
     return 0
   host_memory.keep_freed_memory()  # unless CLEANCLIP_KEEP_FREED_MEMORY=0; before JAX makes its CPU client
-  cpu_dots.route_dots_to_onednn()  # unless CLEANCLIP_ONEDNN_DOTS=0; likewise before the CPU client
+  cpu_dots.route_dots_to_onednn()  # only with CLEANCLIP_ONEDNN_DOTS=1; likewise before the CPU client
   _use_compilation_cache(pathlib.Path(args.workdir) / 'jax_cache')
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
   # orbax narrates every save at INFO through absl; keep the trainer's progress lines (its step

@@ -919,7 +919,7 @@ def main(argv=None) -> None:
                            'for a single evaluation (drop --follow)')
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
     host_memory.keep_freed_memory()  # unless CLEANCLIP_KEEP_FREED_MEMORY=0; before JAX makes its CPU client
-    cpu_dots.route_dots_to_onednn()  # unless CLEANCLIP_ONEDNN_DOTS=0; likewise before the CPU client
+    cpu_dots.route_dots_to_onednn()  # only with CLEANCLIP_ONEDNN_DOTS=1; likewise before the CPU client
     distributed.initialize()  # one job over the hosts' devices, as the trainer (no-op alone)
     FLAGS = flags.FLAGS
     workdir = _run_directory(FLAGS.workdir)

@@ -595,7 +595,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError('give --config=configs/<file>.py[:preset] and --workdir=DIR')
   quiet_library_logs()
   host_memory.keep_freed_memory()  # unless CLEANCLIP_KEEP_FREED_MEMORY=0; before JAX makes its CPU client
-  cpu_dots.route_dots_to_onednn()  # unless CLEANCLIP_ONEDNN_DOTS=0; likewise before the CPU client
+  cpu_dots.route_dots_to_onednn()  # only with CLEANCLIP_ONEDNN_DOTS=1; likewise before the CPU client
   distributed.initialize()
   try:
     summary = run(_CONFIG.value, _WORKDIR.value)

@@ -1,5 +1,6 @@
 """Every test runs on CPU with 8 emulated devices, so sharded code paths are exercised, and with the
-XLA CPU settings the entry points use (`cpu_dots`), so the parity tests check what users run."""
+XLA CPU settings the entry points use (`cpu_dots`), so the parity tests check what users run: XLA's
+own dots by default, oneDNN's where CLEANCLIP_ONEDNN_DOTS=1 is set for the whole suite."""
 
 import os
 
