@@ -266,3 +266,36 @@ def test_gelu_is_torchs_exact_gelu():
   np.testing.assert_allclose(grad, reference.grad.numpy(), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(value, jax.nn.gelu(x, approximate=False), rtol=1e-6, atol=1e-6)
   assert not np.allclose(value, jax.nn.gelu(x, approximate=True), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('dtype,tol', [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_narrowing_dense_dot_is_the_plain_product_and_gradient(dtype, tol):
+  # c_proj's dot on CPU: its own backward rule forms the weight gradient as (dy^T x)^T (the
+  # orientation XLA:CPU's default dots run fastest); values and both gradients must stay those
+  # of lax.dot_general, and calls outside its case (3-D rows, a widening layer) are plain.
+  from cleanclip_jax.models import transformer
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((48, 64)), dtype)
+  kernel = jnp.asarray(rng.standard_normal((64, 16)) / 8, dtype)
+  dy = jnp.asarray(rng.standard_normal((48, 16)), dtype)
+  dims = (((1,), (0,)), ((), ()))
+
+  def loss(fn):
+    return lambda x, kernel: jnp.vdot(fn(x, kernel, dims).astype(jnp.float32), dy.astype(jnp.float32))
+
+  got = jax.jit(jax.value_and_grad(loss(transformer.narrowing_dense_dot), argnums=(0, 1)))(x, kernel)
+  want = jax.jit(jax.value_and_grad(loss(jax.lax.dot_general), argnums=(0, 1)))(x, kernel)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert g.dtype == w.dtype and g.shape == w.shape
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=tol,
+                               atol=tol * float(np.abs(np.asarray(w, np.float32)).max()))
+  # The weight gradient in f64 (x^T dy): both orientations are that product.
+  exact = np.asarray(x, np.float64).T @ np.asarray(dy, np.float64)
+  np.testing.assert_allclose(np.asarray(got[1][1], np.float64), exact, rtol=tol, atol=tol * np.abs(exact).max())
+  jaxpr = str(jax.make_jaxpr(jax.grad(loss(transformer.narrowing_dense_dot), argnums=1))(x, kernel))
+  assert 'custom_vjp_call' in jaxpr and 'optimization_barrier' in jaxpr
+  for other in (x.reshape(4, 12, 64), jnp.ones((48, 8), dtype)):  # [B, T, I]; I < O: plain
+    kern = kernel if other.ndim == 3 else jnp.ones((8, 16), dtype)
+    d = (((other.ndim - 1,), (0,)), ((), ()))
+    plain = jax.make_jaxpr(lambda a, b, d=d: transformer.narrowing_dense_dot(a, b, d))(other, kern)
+    assert 'custom_vjp_call' not in str(plain)

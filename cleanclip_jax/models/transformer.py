@@ -152,6 +152,44 @@ class MultiHeadAttention(nn.Module):
         bias_init=partitioned(nn.initializers.zeros, 'embed'), name='out')(context)
 
 
+@jax.custom_vjp
+def _rows_dot_narrowing(x, kernel):
+  """x [R, I] @ kernel [I, O] for I > O, whose weight gradient is formed as (dy^T x)^T."""
+  return jax.lax.dot_general(x, kernel, (((1,), (0,)), ((), ())))
+
+
+def _rows_dot_narrowing_fwd(x, kernel):
+  return _rows_dot_narrowing(x, kernel), (x, kernel)
+
+
+def _rows_dot_narrowing_bwd(residuals, dy):
+  x, kernel = residuals
+  dx = jax.lax.dot_general(dy, kernel, (((1,), (1,)), ((), ())))  # [R, I], as JAX's own rule
+  # The weight gradient, summed over the R rows: JAX's rule asks for x^T dy, an [I, O] product
+  # whose left operand is contracted over its major dimension, which XLA:CPU's default dots leave
+  # to Eigen; for I > O Eigen runs it at ~105 GFLOP/s, and the same product computed as
+  # dy^T x ([O, I]) at ~190 ([4160, 1024] rows: 21 vs 11.7 ms, the transpose included; README,
+  # 'Performance'). The barrier stops XLA folding the transpose back into the dot.
+  dkernel = jax.lax.optimization_barrier(
+      jax.lax.dot_general(dy, x, (((0,), (0,)), ((), ())))).T
+  return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+_rows_dot_narrowing.defvjp(_rows_dot_narrowing_fwd, _rows_dot_narrowing_bwd)
+
+
+def narrowing_dense_dot(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+  """`nn.Dense`'s dot_general for a layer on token rows ([R, I] -> [R, O], I > O) on CPU: the same
+  product, its weight gradient computed in the orientation XLA:CPU's dots run fastest. Any other
+  call (another rank, a precision, a wider output) is plain `lax.dot_general`."""
+  plain = (lhs.ndim == 2 and rhs.ndim == 2 and dimension_numbers == (((1,), (0,)), ((), ()))
+           and precision is None and preferred_element_type is None and rhs.shape[0] > rhs.shape[1])
+  if not plain:
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type)
+  return _rows_dot_narrowing(lhs, rhs)
+
+
 class MLP(nn.Module):
   hidden: int
   quick_gelu: bool = False
@@ -173,9 +211,12 @@ class MLP(nn.Module):
                  kernel_init=partitioned(normal(self.fc_std), 'embed', 'mlp'),
                  bias_init=partitioned(nn.initializers.zeros, 'mlp'))(x)
     x = activation(self.quick_gelu)(x)
+    # On CPU c_proj's weight gradient goes through `narrowing_dense_dot` (the CLIP step 5-6% faster
+    # with XLA's default dots); elsewhere the kernels take either orientation alike.
     x = nn.Dense(width, dtype=self.dtype, param_dtype=jnp.float32, name='c_proj',
                  kernel_init=partitioned(normal(self.proj_std), 'mlp', 'embed'),
-                 bias_init=partitioned(nn.initializers.zeros, 'embed'))(x)
+                 bias_init=partitioned(nn.initializers.zeros, 'embed'),
+                 dot_general=narrowing_dense_dot if jax.default_backend() == 'cpu' else None)(x)
     return x.reshape(shape)
 
 
