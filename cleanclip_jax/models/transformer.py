@@ -182,9 +182,10 @@ def narrowing_dense_dot(lhs, rhs, dimension_numbers, precision=None, preferred_e
   """`nn.Dense`'s dot_general for a layer on token rows ([R, I] -> [R, O], I > O) on CPU: the same
   product, its weight gradient computed in the orientation XLA:CPU's dots run fastest. Any other
   call (another rank, a precision, a wider output) is plain `lax.dot_general`."""
-  plain = (lhs.ndim == 2 and rhs.ndim == 2 and dimension_numbers == (((1,), (0,)), ((), ()))
-           and precision is None and preferred_element_type is None and rhs.shape[0] > rhs.shape[1])
-  if not plain:
+  narrowing_rows = (lhs.ndim == 2 and rhs.ndim == 2 and dimension_numbers == (((1,), (0,)), ((), ()))
+                    and precision is None and preferred_element_type is None
+                    and rhs.shape[0] > rhs.shape[1])
+  if not narrowing_rows:
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                preferred_element_type=preferred_element_type)
   return _rows_dot_narrowing(lhs, rhs)
