@@ -26,7 +26,9 @@ sharded-loss memory check: for the dense and the sharded CLIP loss, the per-devi
 temp bytes XLA plans for the loss gradient at 4 and 8 emulated CPU devices with a fixed per-device
 batch (each in a subprocess, since the device count is fixed at JAX start-up). `--profile-torch`
 then profiles two open_clip steps with torch.profiler (the reference's ops by self CPU time, and
-its matmuls' rate). Last line: JSON.
+its matmuls' rate); `--profile-jax` traces three JAX CLIP steps and sorts XLA's thunk time by kind
+(YNNPACK and Eigen matmuls with their rates, copies, element-wise fusions; CPU only).
+Last line: JSON.
 
 Threads: XLA's CPU runtime sizes its thread pool from the process's CPU affinity (it has no
 intra-op thread-count flag; `--xla_cpu_multi_thread_eigen=false` only switches Eigen threading off),
@@ -47,6 +49,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
+
+from benchmarks import cpu_thunk_profile  # pylint: disable=wrong-import-position
 
 
 def _parse_args(argv=None):
@@ -76,6 +80,9 @@ def _parse_args(argv=None):
   parser.add_argument('--profile-torch', action='store_true',
                       help='after the timing, profile two open_clip steps with torch.profiler: '
                            'where the reference\'s time goes')
+  parser.add_argument('--profile-jax', action='store_true',
+                      help='after the timing, trace three JAX CLIP steps (CPU backend) and print '
+                           'where their time goes by kind of XLA thunk (cpu_thunk_profile.py)')
   parser.add_argument('--memory-devices', default='4,8')
   parser.add_argument('--memory-batch-per-device', type=int, default=256)
   # Internal: the memory-analysis child process.
@@ -184,6 +191,7 @@ def jax_step_runner(args, objective: str, pooled_last_block: bool = True):
   for _ in range(max(0, args.warmup - 1)):
     run()
   run.text_shape = text_packing.packed_shape(global_batch)
+  run.hlo_text = lambda: step_fn.lower(holder['state'], global_batch).compile().as_text()
   return run
 
 
@@ -341,6 +349,8 @@ def main(argv=None):
     memory_child(args)
     return
   _pin_threads(args.threads)
+  if args.profile_jax:
+    cpu_thunk_profile.enable_thunk_tracing()  # before JAX starts its CPU backend
   from cleanclip_jax import cpu_dots, host_memory
   # As the trainer does (CLEANCLIP_KEEP_FREED_MEMORY=0 opts out); for open_clip's step too.
   kept = host_memory.keep_freed_memory()
@@ -421,6 +431,8 @@ def main(argv=None):
   print(f'load average {os.getloadavg()}', flush=True)
   if args.profile_torch:
     summary['torch_profile'] = profile_torch(runners['torch'])
+  if args.profile_jax:
+    summary['jax_profile'] = cpu_thunk_profile.profile(runners['clip'], runners['clip'].hlo_text())
   if memory:
     for name in MEMORY_FORMS:
       summary[f'{name}_loss_temp_bytes'] = {r['devices']: r[f'{name}_temp_bytes'] for r in memory}
