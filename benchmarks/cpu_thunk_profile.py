@@ -38,6 +38,8 @@ TRACEME_FLAG = '--xla_cpu_enable_xprof_traceme=true'
 CATEGORIES = ('YNNPACK matmuls', 'YNNPACK convolutions', 'Eigen dots', 'oneDNN matmuls',
               'YNNPACK other', 'copies and fills', 'other XLA fusions')
 
+MATMULS = ('YNNPACK matmuls', 'Eigen dots', 'oneDNN matmuls')  # the kinds whose dots are counted
+
 # Opcodes of a fused computation that move data without arithmetic.
 _DATA_MOVEMENT = {'parameter', 'bitcast', 'copy', 'transpose', 'reshape', 'broadcast', 'slice',
                   'concatenate', 'constant', 'tuple', 'get-tuple-element', 'dynamic-slice',
@@ -172,6 +174,8 @@ def profile(run, hlo_text: str, steps: int = 3, top: int = 12) -> dict:
   for name, thunk_ms in per_thunk.most_common(top):
     category, _, shape = kinds[name]
     print(f'  {thunk_ms:8.2f}  {name} -> {shape} ({category})')
+  matmul_ms = sum(ms[c] for c in MATMULS)
   return {'traced_step_ms': round(wall_ms, 1), 'thunk_ms': round(total, 1),
           'category_ms': {c: round(ms[c], 1) for c in CATEGORIES},
-          'category_gflop': {c: round(flops[c] / 1e9, 2) for c in CATEGORIES if flops[c]}}
+          'category_gflop': {c: round(flops[c] / 1e9, 2) for c in CATEGORIES if flops[c]},
+          'matmul_gflops': round(sum(flops[c] for c in MATMULS) / matmul_ms / 1e6, 1) if matmul_ms else 0.0}

@@ -46,7 +46,8 @@ def test_train_step_benchmark_runs():
   thunks = summary['jax_profile']  # the JAX CLIP step's XLA thunks by kind
   assert thunks['thunk_ms'] > 0 and set(thunks['category_ms']) == set(cpu_thunk_profile.CATEGORIES)
   assert abs(sum(thunks['category_ms'].values()) - thunks['thunk_ms']) < 0.5
-  assert sum(thunks['category_gflop'].values()) > 0  # the step's matmuls were found and counted
+  assert sum(thunks['category_gflop'].values()) > 0 and thunks['matmul_gflops'] > 0  # found, counted
+  assert 0 < thunks['mfu_at_tokens_fed_strict'] <= summary['cpu']['mfu_at_tokens_fed']
 
 
 def test_thunk_classes_count_dot_flops_and_copies():
