@@ -122,7 +122,8 @@ def _compiled(model, mesh):
     return out
 
   def encode_text(params, tokens):
-    return model.apply({'params': params}, tokens, method=model.encode_text)
+    with sharding.tracing_mesh(mesh):
+      return model.apply({'params': params}, tokens, method=model.encode_text)
 
   replicated = sharding.replicated(mesh)
   return (jax.jit(encode_batch, out_shardings=replicated),

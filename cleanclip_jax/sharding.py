@@ -75,6 +75,39 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def tracing_mesh(mesh: Mesh):
+  """Context for tracing model code on `mesh`, so that `split_over_batch` can name its axes."""
+  return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
+def split_over_batch(x: jax.Array) -> jax.Array:
+  """`x` split along dimension 0 over the batch axes, when traced under `tracing_mesh`; else `x`.
+
+  Why the text tower needs it: XLA gives an embedding lookup's output the sharding of the table,
+  whose `embed` dimension FSDP splits, so the tower's activations were split along `embed` and
+  every block all-gathered and all-reduced the whole global batch's activations
+  (`[batch x tokens, 4 x width]` tensors; README, 'Training step: mesh, sharding, ...'). Pinned to
+  the batch split, the activations stay local and only the weights are gathered, as FSDP means.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+    return x
+  return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))
+
+
+def lookup_layouts(width: int):
+  """(ids spec, rows spec) for looking up an FSDP-split table: ids split over `data` only, the
+  looked-up rows over `data` and their `width` features over `fsdp`, which each device can gather
+  from its own slice of the table; None outside `tracing_mesh` or when `fsdp` does not divide
+  `width` (the table is then split another way). The backward pass then scatters each device's
+  rows into its own slice and sums over `data`; left to propagation, a mesh with `data` and
+  `fsdp` both above 1 gathered the global batch's embedding gradient on every device."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names) or width % mesh.shape['fsdp']:
+    return None
+  return P('data'), P('data', None, 'fsdp')
+
+
 def spec_for(shape: Sequence[int], logical_names: Sequence[str | None] | None, mesh: Mesh,
              rules: Sequence[tuple[str, str]] = LOGICAL_AXIS_RULES,
              min_size: int = MIN_SHARDED_SIZE) -> P:

@@ -304,8 +304,9 @@ def loss_and_grads(params, batch: Mapping[str, jax.Array], *, model: nn.Module,
     share = accum_steps / jnp.maximum(jnp.sum(batch['label'] >= 0), 1).astype(jnp.float32)
 
   def loss_and_grad(params, micro_batch):
-    return jax.value_and_grad(_objective_loss, has_aux=True)(params, micro_batch, model, config,
-                                                             mesh, share)
+    with sharding.tracing_mesh(mesh):
+      return jax.value_and_grad(_objective_loss, has_aux=True)(params, micro_batch, model, config,
+                                                               mesh, share)
 
   micro_sharding = NamedSharding(mesh, P(None, sharding.BATCH_AXES))
   return optim.accumulate_gradients(loss_and_grad, params, dict(batch), accum_steps, micro_sharding)

@@ -1,6 +1,7 @@
 """The sharded state and the jitted step on 8 emulated devices, with a 1-layer tiny model."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -259,3 +260,31 @@ def test_text_flops_at_a_cut_length_match_xla_cost_analysis():
   assert all(0.75 < r <= 1.0 for r in ratios), ratios
   assert flops.text_forward_flops(text, model.config.embed_dim, length=CONTEXT) == \
       flops.text_forward_flops(text, model.config.embed_dim)
+
+
+@pytest.mark.parametrize('data,fsdp', [(1, 8), (4, 2)])
+def test_fsdp_moves_weights_not_the_text_towers_activations(data, fsdp):
+  # FSDP gathers weights per layer; activations stay split over the batch. Before the text
+  # tower's input was pinned to the batch split (sharding.split_over_batch, lookup_layouts), XLA
+  # split the tower's activations along `embed` like the embedding table, and gathered or summed
+  # the whole global batch's token rows in every block: collectives of shape [B, L, ...] or
+  # [B * L, ...]. Tokens of 12 columns make those dims unlike any weight's.
+  length = 12
+  model = _clip_model(text_layers=2)
+  config = _config('clip', data, fsdp)
+  mesh = _mesh(config)
+  state, shardings = train_step.create_train_state(config, model, mesh, jax.random.PRNGKey(0))
+  host = _host_batch()
+  host = {'image': host['image'], 'tokens': host['tokens'][:, :length]}
+  host['tokens'][:, -1] = 511  # EOT: the largest id
+  step = train_step.make_train_step(config, model, mesh, shardings)
+  hlo = step.lower(state, sharding.host_batch_to_global(host, mesh)).compile().as_text()
+  collectives = re.findall(r'= (.*?) (?:all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)'
+                           r'(?:-start)?\(', hlo)
+  assert collectives  # the weights are gathered
+  for result in collectives:
+    # Float results only: the token ids themselves may be gathered (int32, 1/width of the rows).
+    for dims in re.findall(r'(?:f32|bf16|f16)\[([\d,]*)\]', result):
+      dims = [int(d) for d in dims.split(',') if d]
+      assert BATCH * length not in dims, result
+      assert not any(dims[i:i + 2] == [BATCH, length] for i in range(len(dims))), result

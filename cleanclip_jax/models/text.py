@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cleanclip_jax import sharding
 from cleanclip_jax.models.transformer import Dtype, LayerNorm, Transformer, normal, partitioned
 
 
@@ -46,9 +47,16 @@ class TextTransformer(nn.Module):
     length = ids.shape[-1]
     if length > self.context_length:
       raise ValueError(f'text tower has context length {self.context_length}, got tokens {ids.shape}')
+    # Looked up where each device's slice of the FSDP-split table serves it, then split over the
+    # batch like the other activations (no-ops unless traced under sharding.tracing_mesh).
+    layouts = sharding.lookup_layouts(self.width)
+    if layouts:
+      ids = jax.lax.with_sharding_constraint(ids, layouts[0])
     x = nn.Embed(self.vocab_size, self.width, dtype=jnp.float32, param_dtype=jnp.float32,
                  embedding_init=partitioned(normal(0.02), 'vocab', 'embed'),
                  name='token_embedding')(ids)
+    if layouts:
+      x = jax.lax.with_sharding_constraint(x, layouts[1])
     pos = self.param('positional_embedding', partitioned(normal(0.01), None, 'embed'),
                      (self.context_length, self.width))
     if packed:
@@ -58,6 +66,7 @@ class TextTransformer(nn.Module):
       x = x + pos[:length]
       # The EOT token has the largest id, so argmax finds it (CLIP's convention).
       eot, segments = jnp.argmax(tokens, axis=-1), None
+    x = sharding.split_over_batch(x)
     x = Transformer(self.layers, self.heads, self.mlp_ratio, self.quick_gelu, causal=True,
                     remat=self.remat, dtype=self.dtype, attention=self.attention,
                     pooled_last_block=self.pooled_last_block, name='transformer')(
