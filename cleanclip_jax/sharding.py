@@ -76,7 +76,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def tracing_mesh(mesh: Mesh):
-  """Context for tracing model code on `mesh`, so that `split_over_batch` can name its axes."""
+  """Context for tracing model code on `mesh`, so that `split_over_batch` and `lookup_layouts`
+  can name its axes (the train step's loss and the evaluator's text encoder are traced in it)."""
   return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
