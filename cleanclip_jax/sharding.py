@@ -81,6 +81,12 @@ def tracing_mesh(mesh: Mesh):
   return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
+def _traced_mesh():
+  """The abstract mesh `tracing_mesh` set, or None outside it (or for a mesh without our axes)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names) else mesh
+
+
 def split_over_batch(x: jax.Array) -> jax.Array:
   """`x` split along dimension 0 over the batch axes, when traced under `tracing_mesh`; else `x`.
 
@@ -90,10 +96,7 @@ def split_over_batch(x: jax.Array) -> jax.Array:
   (`[batch x tokens, 4 x width]` tensors; README, 'Training step: mesh, sharding, ...'). Pinned to
   the batch split, the activations stay local and only the weights are gathered, as FSDP means.
   """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
-    return x
-  return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))
+  return x if _traced_mesh() is None else jax.lax.with_sharding_constraint(x, P(BATCH_AXES))
 
 
 def lookup_layouts(width: int):
@@ -103,8 +106,8 @@ def lookup_layouts(width: int):
   `width` (the table is then split another way). The backward pass then scatters each device's
   rows into its own slice and sums over `data`; left to propagation, a mesh with `data` and
   `fsdp` both above 1 gathered the global batch's embedding gradient on every device."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names) or width % mesh.shape['fsdp']:
+  mesh = _traced_mesh()
+  if mesh is None or width % mesh.shape['fsdp']:
     return None
   return P('data'), P('data', None, 'fsdp')
 
